@@ -1,0 +1,130 @@
+"""Typed containers passed between the components of one training step.
+
+Shape legend used throughout the package: ``B`` prompts, ``G`` group size (``num_generations``),
+``N = B*G`` completions, ``P`` prompt tokens, ``T`` completion tokens, ``D`` hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollout:
+    """A batch of groups: ``G`` sampled completions for each of ``B`` prompts, group-major.
+
+    Completion ``n`` belongs to prompt ``n // G``. Tensors live on the policy's device.
+    """
+
+    prompts: list[str]  # B prompts as fed to the model (chat template applied where used)
+    completions: list[str]  # N decoded completions
+    prompt_ids: Tensor  # [N, P] left-padded
+    prompt_mask: Tensor  # [N, P] 1 for real prompt tokens
+    completion_ids: Tensor  # [N, T] right-padded
+    completion_mask: Tensor  # [N, T] 1 up to and including the first EOS
+    group_size: int  # G
+    old_logps: Tensor | None = None  # [N, T] log pi_old(y_t | q, y_<t), temperature applied
+    hidden: Tensor | None = None  # [N, D] rep(y_i): last-layer hidden state at the final completion token
+    truncated: Tensor | None = None  # [N] bool, True where no EOS was generated
+    rows: list[dict[str, Any]] = field(default_factory=list)  # B data rows (prompt plus e.g. the answer column)
+    metrics: dict[str, float] = field(default_factory=dict)  # e.g. the sampler's phase timings
+
+    @property
+    def num_prompts(self) -> int:
+        """``B``."""
+        return len(self.prompts)
+
+    def input_ids(self) -> Tensor:
+        """``[N, P+T]`` prompt and completion tokens side by side."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    def attention_mask(self) -> Tensor:
+        """``[N, P+T]`` the mask matching :meth:`input_ids`."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def row_columns(self) -> dict[str, list[Any]]:
+        """Every data column repeated ``G`` times, so that each list has one entry per completion."""
+        keys = self.rows[0].keys() if self.rows else []
+        return {k: [row[k] for row in self.rows for _ in range(self.group_size)] for k in keys}
+
+    def select(self, index: Tensor) -> Rollout:
+        """The completions at ``index`` (a 1D tensor of completion positions), as a view for an update step.
+
+        ``rows``/``prompts`` are kept whole: the selection is used for the loss, not for rewards.
+        """
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Rollout(
+            prompts=self.prompts,
+            completions=[self.completions[i] for i in index.tolist()],
+            prompt_ids=self.prompt_ids[index],
+            prompt_mask=self.prompt_mask[index],
+            completion_ids=self.completion_ids[index],
+            completion_mask=self.completion_mask[index],
+            group_size=self.group_size,
+            old_logps=pick(self.old_logps),
+            hidden=pick(self.hidden),
+            truncated=pick(self.truncated),
+            rows=self.rows,
+        )
+
+
+@dataclass
+class Scores:
+    """Per-token scores of completions under one model."""
+
+    logps: Tensor  # [N, T] log-probabilities of the completion tokens
+    entropy: Tensor | None = None  # [N, T] entropy of the (temperature-scaled) next-token distribution
+    hidden: Tensor | None = None  # [N, D] final-token last-layer hidden state
+
+
+@dataclass
+class CausalGraph:
+    """The causal structure of each group (paper Sec. 3): who conditions whom.
+
+    GRPO's view is the fork alone: ``q -> y_i`` with independent responses (``integrated is None``).
+    GCPO adds the collider: all candidates cause integrated outputs ``y_{n,l}``, and every candidate ``i`` gets
+    conditioning contexts ``x_{i,l} = q + {y_k, k != i} + y_{n,l}``.
+    """
+
+    group_size: int  # G
+    representations: Tensor | None = None  # [N, D] rep(y_i) of every candidate
+    integrated: list[list[str]] | None = None  # [B][M] integrated outputs y_{n,l}
+    context_prompts: list[list[list[str]]] | None = None  # [B][G][M] rendered contexts x_{i,l}
+    context_representations: Tensor | None = None  # [N, M, D] Zbar_{i,l}: mean rep of K samples per context
+    extras: dict[str, Any] = field(default_factory=dict)  # builder-specific tensors (e.g. context token ids)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_independent(self) -> bool:
+        """True for GRPO's graph: no collider, responses conditioned on q alone."""
+        return self.integrated is None
+
+
+@dataclass
+class Advantages:
+    """Per-completion advantages and the statistics worth logging."""
+
+    values: Tensor  # [N] advantage of each completion (the same for all its tokens)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Penalty:
+    """A per-token penalty added to the negative surrogate before aggregation (already weighted, e.g. beta*KL)."""
+
+    per_token: Tensor  # [N, T]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PolicyModels:
+    """The models a step scores with: the trainable policy, the frozen reference (if any) and the tokenizer."""
+
+    policy: Any  # a Hugging Face causal LM (nn.Module)
+    tokenizer: Any  # a Hugging Face tokenizer, left padding
+    reference: Any | None = None
+    temperature: float = 1.0  # the rollout temperature, applied whenever log-probs are recomputed

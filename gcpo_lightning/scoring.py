@@ -1,0 +1,93 @@
+"""Teacher-forced scoring of completions: per-token log-probabilities, entropies and representations.
+
+One forward pass over ``[prompt | completion]`` gives everything the step needs from a model: the log-prob of
+each completion token (temperature applied exactly as in generation), the entropy of each next-token
+distribution, and ``rep(y)``, the last-layer hidden state (after the final norm) at the final completion token.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from gcpo_lightning.containers import Scores
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, exactly as ``generate`` computes them.  ``[N, L] -> [N, L]``."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def selective_log_softmax(logits: Tensor, targets: Tensor, chunk_size: int = 16) -> tuple[Tensor, Tensor]:
+    """Log-probability of ``targets`` and entropy of each distribution, ``chunk_size`` rows at a time.
+
+    Only one chunk's fp32 softmax is alive at once, so memory does not scale with ``N * T * V``.
+
+    Args:
+        logits: ``[N, T, V]`` (already divided by the temperature).
+        targets: ``[N, T]`` token ids.
+        chunk_size: rows of ``N`` processed together.
+
+    Returns:
+        ``(logps, entropy)``, both ``[N, T]`` in fp32.
+    """
+    logps, entropies = [], []
+    for rows, tgt in zip(logits.split(chunk_size), targets.split(chunk_size)):
+        log_probs = rows.float().log_softmax(-1)  # [n, T, V]
+        logps.append(log_probs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1))  # [n, T]
+        with torch.no_grad():
+            entropies.append(-(log_probs.exp() * log_probs).sum(-1))  # [n, T]
+    return torch.cat(logps), torch.cat(entropies)
+
+
+def score_completions(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    with_hidden: bool = False,
+    chunk_size: int = 16,
+) -> Scores:
+    """Score ``completion_ids`` given ``prompt_ids`` under ``model`` in one forward pass.
+
+    Gradients flow when called outside ``torch.no_grad()``.
+
+    Args:
+        model: a Hugging Face causal LM (anything returning ``.logits`` and ``.hidden_states``).
+        prompt_ids: ``[N, P]`` left-padded prompt tokens.
+        prompt_mask: ``[N, P]``.
+        completion_ids: ``[N, T]`` right-padded completion tokens.
+        completion_mask: ``[N, T]``.
+        temperature: the sampling temperature; logits are divided by it, as in generation.
+        with_hidden: also return ``rep(y)``, the final-token hidden state after the last norm.
+        chunk_size: rows per log-softmax chunk.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+T]
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, P+T]
+    T = completion_ids.shape[1]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=with_hidden,
+        logits_to_keep=T + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1] / temperature  # [N, T, V]: position t predicts completion token t
+    logps, entropy = selective_log_softmax(logits, completion_ids, chunk_size)
+    hidden = final_token_hidden(out.hidden_states[-1], attention_mask) if with_hidden else None
+    return Scores(logps=logps, entropy=entropy, hidden=hidden)
+
+
+def final_token_hidden(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Hidden state at the last attended position of each row.  ``[N, L, D], [N, L] -> [N, D]``.
+
+    With left-padded prompts and right-padded completions the last attended position is the final completion
+    token (its EOS where one was generated).
+    """
+    L = attention_mask.shape[1]
+    positions = torch.arange(L, device=attention_mask.device).expand_as(attention_mask)  # [N, L]
+    last = (positions * attention_mask.long()).amax(dim=1)  # [N]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()  # [N, D]
