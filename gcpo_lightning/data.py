@@ -176,9 +176,10 @@ class HFPromptDataModule(RowsDataModule):
         return [self._row(raw, f"{self.path}:{files or split}", i) for i, raw in enumerate(ds)]
 
     def _row(self, raw: Row, source: str, index: int) -> Row:
-        missing = [c for c in [self.prompt_column, *self.columns.values()] if c not in raw]
+        missing = [c for c in [self.prompt_column, *self.columns.values()] if raw.get(c) is None]
         if missing:
-            raise DataError(f"{source} row {index}: missing column(s) {missing}; it has {sorted(raw)}")
+            raise DataError(f"{source} row {index}: no value in column(s) {missing}; the row has "
+                            f"{sorted(k for k, v in raw.items() if v is not None)}")
         question = raw[self.prompt_column]
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{source} row {index}: column {self.prompt_column!r} is empty or not text: {question!r}")

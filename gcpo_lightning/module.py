@@ -80,6 +80,7 @@ class GCPOModule(L.LightningModule):
         optimizer: builds the optimizer from the policy's parameters.
         lr_scheduler: optionally builds a scheduler, stepped after every optimiser step.
         max_grad_norm: gradient clipping norm; ``None`` disables clipping.
+        max_consecutive_skips: steps in a row with a non-finite loss or gradient before training stops.
         use_chat_template: wrap prompts in the tokenizer's chat template (``None``: when it has one).
         system_prompt: system message used with the chat template.
         log_completions_every_n_steps: how often a table of sample completions is written (0: never).
@@ -106,6 +107,7 @@ class GCPOModule(L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         max_grad_norm: float | None = 1.0,
+        max_consecutive_skips: int = 10,
         use_chat_template: bool | None = None,
         system_prompt: str | None = None,
         log_completions_every_n_steps: int = 10,
@@ -127,6 +129,7 @@ class GCPOModule(L.LightningModule):
         self.loss_type = loss_type
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.max_grad_norm = max_grad_norm
+        self.max_consecutive_skips = max_consecutive_skips
         self.use_chat_template, self.system_prompt = use_chat_template, system_prompt
         self.log_completions_every_n_steps = log_completions_every_n_steps
         self.num_completions_to_log = num_completions_to_log
@@ -135,6 +138,7 @@ class GCPOModule(L.LightningModule):
         self.tokenizer: Any = None
         self._reference: list[torch.nn.Module] = []  # a list keeps it out of state_dict and parameters()
         self.skipped_steps = 0
+        self.consecutive_skips = 0
         self.train_reward, self.train_accuracy = MeanMetric(), MeanMetric()
         self.val_reward, self.val_accuracy = MeanMetric(), MeanMetric()
         self.baseline_accuracy: float | None = None
@@ -170,7 +174,7 @@ class GCPOModule(L.LightningModule):
             raise ValueError("GCPOModule: " + "; ".join(errors))
 
     def setup(self, stage: str) -> None:
-        """Check the batch against the group settings once the data module is known (before the model loads)."""
+        """Check the data against the settings once the data module is set up, before the model loads."""
         dm = getattr(self.trainer, "datamodule", None)
         batch_size = getattr(dm, "batch_size", None)
         if stage == "fit" and batch_size is not None and self.mini_batch_size is not None:
@@ -178,6 +182,18 @@ class GCPOModule(L.LightningModule):
             if total % self.mini_batch_size:
                 raise ValueError(f"GCPOModule: batch_size * num_generations = {batch_size} * {self.num_generations} "
                                  f"= {total} is not divisible by mini_batch_size={self.mini_batch_size}")
+        rows = getattr(dm, "train_rows", None) or getattr(dm, "val_rows", None)
+        if rows:
+            self.dry_run_rewards(rows[0])
+
+    def dry_run_rewards(self, row: dict[str, Any]) -> None:
+        """Call every reward function on one real row with two placeholder completions.
+
+        A function that needs a column the data lacks, raises, or returns the wrong number of values is
+        reported (by name) before any model is loaded.
+        """
+        columns = {k: [v, v] for k, v in row.items() if k != "prompt"}
+        compute_rewards(self.reward_funcs, self.reward_weights, [row["prompt"]] * 2, ["", " ?"], columns)
 
     # ----- models ----------------------------------------------------------------------------------------------
 
@@ -280,6 +296,7 @@ class GCPOModule(L.LightningModule):
         if not torch.isfinite(grad_norm):
             return self.skip_step(opt, "gradient")
         opt.step()
+        self.consecutive_skips = 0
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -290,11 +307,20 @@ class GCPOModule(L.LightningModule):
         return out
 
     def skip_step(self, opt: Any, what: str) -> dict:
-        """Drop the step's gradients, count the skip, warn once per occurrence."""
+        """Count a skipped step: gradients are dropped, the optimiser step is a no-op on the weights.
+
+        The step still counts towards ``max_steps`` (so a run of bad steps cannot loop forever), and
+        ``max_consecutive_skips`` in a row stop training with an error.
+        """
         opt.zero_grad(set_to_none=True)
+        opt.step()  # no parameter has a gradient, so nothing changes; Lightning's step counter advances
         self.skipped_steps += 1
+        self.consecutive_skips += 1
         rank_zero_info(f"GCPOModule: non-finite {what} at global step {self.global_step}; step skipped "
                        f"({self.skipped_steps} skipped so far)")
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise FloatingPointError(f"GCPOModule: {self.consecutive_skips} consecutive steps had a non-finite "
+                                     f"{what}; stopping (raise max_consecutive_skips to tolerate more)")
         return {}
 
     # ----- logging ---------------------------------------------------------------------------------------------

@@ -1,0 +1,142 @@
+"""The system end to end on a tiny random model: it learns, logs, and refuses bad settings early."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from custom_components import length_reward, raising_reward, short_reward
+from lightning.pytorch.loggers import CSVLogger
+
+from gcpo_lightning import ArithmeticDataModule, GCPOModule, GroupSampler, ReferenceKL
+from gcpo_lightning.models import load_causal_lm
+from gcpo_lightning.rewards import RewardError
+
+
+def no_decay(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+
+
+def make_module(model_dir: Path, **kwargs) -> GCPOModule:
+    defaults = dict(
+        model_name_or_path=str(model_dir),
+        reward_funcs=[length_reward],
+        sampler=GroupSampler(max_completion_length=8),
+        kl=ReferenceKL(beta=0.04),
+        num_generations=4,
+        optimizer=no_decay,
+        log_completions_every_n_steps=1,
+    )
+    defaults.update(kwargs)
+    return GCPOModule(**defaults)
+
+
+def fit(module: GCPOModule, tmp_path: Path, steps: int = 2, batch_size: int = 2) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, logger=CSVLogger(tmp_path), num_sanity_val_steps=-1, val_check_interval=steps,
+                        check_val_every_n_epoch=None, log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    dm = ArithmeticDataModule(batch_size=batch_size, num_train=64, num_val=4, val_batch_size=4)
+    trainer.fit(module, dm)
+    return trainer
+
+
+def logged_rows(trainer: L.Trainer) -> list[dict[str, str]]:
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+EXPECTED_METRICS = {
+    "reward", "accuracy", "reward_std", "frac_reward_zero_std", "loss", "kl", "entropy", "grad_norm",
+    "advantages/mean", "advantages/std", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+    "completions/mean_length", "completions/max_length", "completions/clipped_ratio", "rewards/length_reward/mean",
+    "timing/generation", "timing/scoring", "timing/rewards", "timing/reference", "timing/update", "val/accuracy",
+}
+
+
+def test_fit_learns_and_logs(tiny_model_dir, tmp_path):
+    before = load_causal_lm(str(tiny_model_dir)).state_dict()
+    module = make_module(tiny_model_dir, num_iterations=2, mini_batch_size=4)
+    trainer = fit(module, tmp_path)
+    after = module.policy.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "no parameter changed"
+    assert module.reference is not None and all(
+        torch.equal(before[k], v) for k, v in module.reference.state_dict().items()
+    ), "the reference must stay frozen"
+    rows = logged_rows(trainer)
+    logged = {k for row in rows for k, v in row.items() if v != ""}
+    assert EXPECTED_METRICS <= logged, EXPECTED_METRICS - logged
+    losses = [float(r["loss"]) for r in rows if r.get("loss")]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert any(r["step"] == "0" and r.get("val/accuracy") for r in rows), "the baseline is logged at step 0"
+    assert (Path(trainer.logger.log_dir) / "completions.jsonl").read_text().count("\n") > 0
+
+
+def test_no_reference_is_built_when_beta_is_zero(tiny_model_dir, tmp_path):
+    module = make_module(tiny_model_dir, kl=ReferenceKL(beta=0.0))
+    fit(module, tmp_path, steps=1)
+    assert module.reference is None
+
+
+def test_non_finite_loss_is_skipped_and_counted(tiny_model_dir, tmp_path, monkeypatch):
+    import gcpo_lightning.module as module_lib
+
+    real = module_lib.policy_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, ratio = real(*args, **kwargs)
+        return loss * float("nan"), ratio
+
+    monkeypatch.setattr(module_lib, "policy_loss", nan_loss)
+    before = load_causal_lm(str(tiny_model_dir)).state_dict()
+    module = make_module(tiny_model_dir)
+    trainer = fit(module, tmp_path, steps=2)
+    assert module.skipped_steps == 2
+    assert all(torch.equal(before[k], v) for k, v in module.policy.state_dict().items())
+    assert max(float(r["skipped_steps"]) for r in logged_rows(trainer) if r.get("skipped_steps")) == 2.0
+
+
+def test_too_many_consecutive_skips_stop_training(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("gcpo_lightning.module.policy_loss", lambda *a, **k: (torch.tensor(float("nan")), None))
+    module = make_module(tiny_model_dir, max_consecutive_skips=2)
+    with pytest.raises(FloatingPointError, match="2 consecutive steps had a non-finite loss"):
+        fit(module, tmp_path, steps=5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_generations=1), "num_generations must be >= 2"),
+        (dict(num_generations=4, mini_batch_size=6), "multiple of num_generations"),
+        (dict(num_iterations=0), "num_iterations"),
+        (dict(reward_weights=[1.0, 2.0]), "reward_weights has 2 entries for 1 functions"),
+        (dict(loss_type="ppo"), "loss_type"),
+        (dict(epsilon=0.0), "epsilon"),
+    ],
+)
+def test_bad_settings_fail_in_init(tiny_model_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_module(tiny_model_dir, **kwargs)
+
+
+def test_rollout_batch_not_divisible_by_mini_batch(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("gcpo_lightning.module.load_causal_lm", _no_model_load)
+    module = make_module(tiny_model_dir, num_generations=4, mini_batch_size=8)
+    with pytest.raises(ValueError, match="not divisible by mini_batch_size"):
+        fit(module, tmp_path, batch_size=3)
+
+
+def _no_model_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the bad input was reported")
+
+
+@pytest.mark.parametrize(("fn", "message"), [(raising_reward, "'raising_reward' raised KeyError"),
+                                              (short_reward, "'short_reward' returned 1 values for 2 completions")])
+def test_bad_reward_function_is_named_before_the_model_loads(tiny_model_dir, tmp_path, fn, message, monkeypatch):
+    monkeypatch.setattr("gcpo_lightning.module.load_causal_lm", _no_model_load)
+    module = make_module(tiny_model_dir, reward_funcs=[fn])
+    with pytest.raises(RewardError, match=message):
+        fit(module, tmp_path, steps=1)
