@@ -6,6 +6,7 @@ Shape legend used throughout the package: ``B`` prompts, ``G`` group size (``num
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,3 +129,4 @@ class PolicyModels:
     tokenizer: Any  # a Hugging Face tokenizer, left padding
     reference: Any | None = None
     temperature: float = 1.0  # the rollout temperature, applied whenever log-probs are recomputed
+    render: Callable[[str], str] = str  # text -> model input (applies the chat template where one is used)

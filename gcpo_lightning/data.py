@@ -185,6 +185,7 @@ class HFPromptDataModule(RowsDataModule):
             raise DataError(f"{source} row {index}: column {self.prompt_column!r} is empty or not text: {question!r}")
         row = {name: raw[col] for name, col in self.columns.items()}
         row["prompt"] = self.prompt_template.format(question=question)
+        row.setdefault("question", question)
         return row
 
     def load_rows(self) -> tuple[list[Row], list[Row]]:

@@ -10,7 +10,7 @@ from torch import Tensor
 from gcpo_lightning.containers import CausalGraph, Penalty, PolicyModels, Rollout, Scores
 from gcpo_lightning.losses import k3
 from gcpo_lightning.protocols import ProjectedKL
-from gcpo_lightning.scoring import score_completions
+from gcpo_lightning.scoring import score_in_batches
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> float:
@@ -18,22 +18,10 @@ def masked_mean(x: Tensor, mask: Tensor) -> float:
     return ((x * mask).sum() / mask.sum().clamp(min=1)).item()
 
 
-@torch.no_grad()
 def reference_logps(rollout: Rollout, models: PolicyModels, batch_size: int = 64) -> Tensor:
-    """``log pi_ref(y_t | q, y_<t)`` for every completion token, ``[N, T]``, temperature applied."""
-    out = []
-    for s in range(0, rollout.prompt_ids.shape[0], batch_size):
-        sl = slice(s, s + batch_size)
-        scores = score_completions(
-            models.reference,
-            rollout.prompt_ids[sl],
-            rollout.prompt_mask[sl],
-            rollout.completion_ids[sl],
-            rollout.completion_mask[sl],
-            temperature=models.temperature,
-        )
-        out.append(scores.logps)
-    return torch.cat(out)
+    """``log pi_ref(y_t | q, y_<t)`` for every completion token, ``[N, T]``, temperature applied, no grad."""
+    return score_in_batches(models.reference, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                            rollout.completion_mask, models.temperature, batch_size=batch_size).logps
 
 
 class ReferenceKL(ProjectedKL):

@@ -28,7 +28,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from gcpo_lightning.advantages import GroupNormalizedAdvantage, frac_zero_std
-from gcpo_lightning.containers import Advantages, PolicyModels, Rollout
+from gcpo_lightning.containers import Advantages, Penalty, PolicyModels, Rollout, Scores
 from gcpo_lightning.graph import IndependentResponses
 from gcpo_lightning.kl import ReferenceKL, masked_mean
 from gcpo_lightning.losses import LOSS_TYPES, clip_fractions, policy_loss
@@ -215,14 +215,26 @@ class GCPOModule(L.LightningModule):
     def models(self) -> PolicyModels:
         """The models bundle handed to components."""
         return PolicyModels(policy=self.policy, tokenizer=self.tokenizer, reference=self.reference,
-                            temperature=self.sampler.temperature or 1.0)
+                            temperature=self.sampler.temperature or 1.0, render=self.render)
+
+    def render(self, text: str) -> str:
+        """``text`` as fed to the model (chat template applied where used)."""
+        return render_prompt(self.tokenizer, text, self.use_chat_template, self.system_prompt)
 
     def on_fit_start(self) -> None:
+        """Move the reference next to the policy, and let the graph builder check lengths before training."""
+        self.on_validation_start()
+        dm = getattr(self.trainer, "datamodule", None)
+        rows = getattr(dm, "train_rows", None)
+        check = getattr(self.graph_builder, "check_fits", None)  # optional: builders with long contexts have it
+        if rows and check is not None:
+            question = max((r.get("question", r["prompt"]) for r in rows[:1000]), key=len)
+            check(self.models(), question, self.num_generations, self.sampler.max_completion_length)
+
+    def on_validation_start(self) -> None:
         """Move the reference next to the policy (it is not a registered submodule)."""
         if self.reference is not None:
             self.reference.to(self.device)
-
-    on_validation_start = on_fit_start
 
     def configure_optimizers(self) -> Any:
         """The optimizer (and scheduler) built from the injected factories."""
@@ -235,7 +247,7 @@ class GCPOModule(L.LightningModule):
 
     def prompts_for(self, rows: list[dict[str, Any]]) -> list[str]:
         """The rows' prompts as fed to the model (chat template applied where used)."""
-        return [render_prompt(self.tokenizer, r["prompt"], self.use_chat_template, self.system_prompt) for r in rows]
+        return [self.render(r["prompt"]) for r in rows]
 
     def score_rewards(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """``[N]`` total and ``[N, F]`` per-function rewards of the rollout's completions."""
@@ -283,11 +295,7 @@ class GCPOModule(L.LightningModule):
     def optimisation_step(self, mb: Rollout, adv: Tensor, prepared: dict[str, Any], models: PolicyModels) -> dict:
         """One optimiser step on a mini-batch; a non-finite loss or gradient is skipped and counted."""
         opt = self.optimizers()
-        scores = score_completions(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
-                                   temperature=models.temperature)
-        penalty = self.kl.penalty(scores, mb, prepared, models)
-        loss, ratio = policy_loss(scores.logps, mb.old_logps, adv, mb.completion_mask.float(), penalty.per_token,
-                                  self.epsilon, self.epsilon_high, self.loss_type, self.sampler.max_completion_length)
+        loss, ratio, scores, penalty = self.compute_loss(mb, adv, prepared, models)
         if not torch.isfinite(loss):
             return self.skip_step(opt, "loss")
         opt.zero_grad(set_to_none=True)
@@ -305,6 +313,17 @@ class GCPOModule(L.LightningModule):
         out = {"loss": loss.item(), "grad_norm": grad_norm.item(), "entropy": masked_mean(scores.entropy, mask)}
         out.update({f"clip_ratio/{k}_mean": v.item() for k, v in clips.items()}, **penalty.metrics)
         return out
+
+    def compute_loss(
+        self, mb: Rollout, adv: Tensor, prepared: dict[str, Any], models: PolicyModels
+    ) -> tuple[Tensor, Tensor, Scores, Penalty]:
+        """``-J`` on a mini-batch under the current policy (paper Eq. 10, 12), with what the metrics need."""
+        scores = score_completions(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
+                                   temperature=models.temperature)
+        penalty = self.kl.penalty(scores, mb, prepared, models)
+        loss, ratio = policy_loss(scores.logps, mb.old_logps, adv, mb.completion_mask.float(), penalty.per_token,
+                                  self.epsilon, self.epsilon_high, self.loss_type, self.sampler.max_completion_length)
+        return loss, ratio, scores, penalty
 
     def skip_step(self, opt: Any, what: str) -> dict:
         """Count a skipped step: gradients are dropped, the optimiser step is a no-op on the weights.

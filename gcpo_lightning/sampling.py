@@ -9,7 +9,7 @@ from torch import Tensor
 
 from gcpo_lightning.containers import PolicyModels, Rollout
 from gcpo_lightning.protocols import Sampler
-from gcpo_lightning.scoring import score_completions
+from gcpo_lightning.scoring import score_in_batches
 
 
 class GroupSampler(Sampler):
@@ -100,26 +100,11 @@ class GroupSampler(Sampler):
         return pad_cat(chunks, tok.pad_token_id)
 
     def _score(self, models: PolicyModels, rollout: Rollout) -> None:
-        """Fill ``old_logps`` and ``hidden`` with one no-grad forward pass per ``score_batch_size`` rows."""
-        was_training = models.policy.training
-        models.policy.eval()
-        logps, hidden = [], []
-        b = self.score_batch_size
-        for s in range(0, rollout.prompt_ids.shape[0], b):
-            scores = score_completions(
-                models.policy,
-                rollout.prompt_ids[s : s + b],
-                rollout.prompt_mask[s : s + b],
-                rollout.completion_ids[s : s + b],
-                rollout.completion_mask[s : s + b],
-                temperature=models.temperature,
-                with_hidden=True,
-            )
-            logps.append(scores.logps)
-            hidden.append(scores.hidden)
-        models.policy.train(was_training)
-        rollout.old_logps = torch.cat(logps)  # [N, T]
-        rollout.hidden = torch.cat(hidden)  # [N, D]
+        """Fill ``old_logps`` and ``hidden`` with no-grad forward passes of ``score_batch_size`` rows."""
+        scores = score_in_batches(models.policy, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                  rollout.completion_mask, models.temperature, True, self.score_batch_size)
+        rollout.old_logps = scores.logps  # [N, T]
+        rollout.hidden = scores.hidden  # [N, D]
 
 
 def eos_ids(tokenizer) -> list[int]:

@@ -91,3 +91,29 @@ def final_token_hidden(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     positions = torch.arange(L, device=attention_mask.device).expand_as(attention_mask)  # [N, L]
     last = (positions * attention_mask.long()).amax(dim=1)  # [N]
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()  # [N, D]
+
+
+@torch.no_grad()
+def score_in_batches(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    with_hidden: bool = False,
+    batch_size: int = 64,
+) -> Scores:
+    """:func:`score_completions` without gradients, ``batch_size`` rows per forward pass, in eval mode."""
+    was_training = model.training
+    model.eval()
+    parts = [
+        score_completions(model, prompt_ids[s : s + batch_size], prompt_mask[s : s + batch_size],
+                          completion_ids[s : s + batch_size], completion_mask[s : s + batch_size],
+                          temperature=temperature, with_hidden=with_hidden)
+        for s in range(0, prompt_ids.shape[0], batch_size)
+    ]
+    model.train(was_training)
+    hidden = torch.cat([p.hidden for p in parts]) if with_hidden else None
+    return Scores(logps=torch.cat([p.logps for p in parts]), entropy=torch.cat([p.entropy for p in parts]),
+                  hidden=hidden)

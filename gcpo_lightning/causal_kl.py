@@ -1,0 +1,138 @@
+"""GCPO's causally projected KL (paper Eq. 12, 13), combined with the ordinary reference KL (Eq. 7).
+
+Per token of candidate ``y_i``::
+
+    p'_ref = clamp(p(y_t | x_{i,0}) - mean_l p(y_t | x_{i,l}) + p(y_t | q), min_prob, 1)      # Eq. 13, no grad
+    kl_causal = k3(p'_ref / pi_theta(y_t | x_i))                                              # Eq. 12
+    penalty = beta * k3(pi_ref / pi_theta) + kappa * kl_causal
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from gcpo_lightning.containers import CausalGraph, Penalty, PolicyModels, Rollout, Scores
+from gcpo_lightning.kl import masked_mean, reference_logps
+from gcpo_lightning.losses import k3
+from gcpo_lightning.protocols import ProjectedKL
+from gcpo_lightning.scoring import score_completions, score_in_batches
+
+PolicyContext = Literal["context", "query"]
+
+
+def projected_reference_probs(p_x: Tensor, p_phi: Tensor, p_q: Tensor, min_prob: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """The causally projected reference probability ``p'_ref`` (paper Eq. 13) and which tokens were clamped.
+
+    Args:
+        p_x: ``[N, T]`` ``p(y_t | x_{i,0}, y_<t)``.
+        p_phi: ``[N, T]`` ``mean_l p(y_t | x_{i,l}, y_<t)`` (the paper omits the ``1/M``; a sum can go negative).
+        p_q: ``[N, T]`` ``p(y_t | q, y_<t)``, the rollout policy's own probability.
+        min_prob: lower clamp, so that the log and the ratio stay finite.
+
+    Returns:
+        ``(p_ref, clamped)``, both ``[N, T]``; computed in fp32.
+    """
+    raw = p_x.float() - p_phi.float() + p_q.float()  # [N, T]
+    clamped = (raw < min_prob) | (raw > 1.0)
+    return raw.clamp(min=min_prob, max=1.0), clamped
+
+
+def context_probs(rollout: Rollout, graph: CausalGraph, models: PolicyModels, batch_size: int) -> Tensor:
+    """``p(y_{i,t} | x_{i,l}, y_{i,<t})`` under the rollout policy for every candidate and context.  ``[N, M, T]``."""
+    ids, mask = graph.extras["context_ids"], graph.extras["context_mask"]  # [N, M, Px]
+    N, M, _ = ids.shape
+    scores = score_in_batches(
+        models.policy,
+        ids.flatten(0, 1),
+        mask.flatten(0, 1),
+        rollout.completion_ids.repeat_interleave(M, dim=0),
+        rollout.completion_mask.repeat_interleave(M, dim=0),
+        models.temperature,
+        batch_size=batch_size,
+    )
+    return scores.logps.exp().view(N, M, -1)
+
+
+class CausalProjectedKL(ProjectedKL):
+    """``beta * KL(pi_theta || pi_ref) + kappa * KL(pi_theta(.|x_i) || p'_ref)``, both with k3 (paper Eq. 7, 12).
+
+    Needs a graph from :class:`ColliderGraphBuilder` when ``kappa > 0``.
+
+    Args:
+        beta: weight of the reference KL (0 builds no reference model).
+        kappa: weight of the causal KL (the paper uses 0.06; 0 is the "no causal KL" ablation).
+        policy_context: ``context`` scores ``pi_theta`` on ``x_i`` as the paper writes (an extra gradient pass over
+            the long context); ``query`` reuses the main pass on ``q`` (cheap). **[decision]**
+        min_prob: lower clamp of ``p'_ref``.
+        batch_size: rows per no-grad forward pass.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.04,
+        kappa: float = 0.06,
+        policy_context: PolicyContext = "context",
+        min_prob: float = 1e-6,
+        batch_size: int = 64,
+    ) -> None:
+        if beta < 0 or kappa < 0:
+            raise ValueError(f"CausalProjectedKL: beta and kappa must be >= 0, got beta={beta}, kappa={kappa}")
+        if policy_context not in ("context", "query"):
+            raise ValueError(f"CausalProjectedKL: policy_context must be 'context' or 'query', got {policy_context!r}")
+        if not 0 < min_prob < 1:
+            raise ValueError(f"CausalProjectedKL: min_prob must be in (0, 1), got {min_prob}")
+        self.beta, self.kappa = beta, kappa
+        self.policy_context = policy_context
+        self.min_prob = min_prob
+        self.batch_size = batch_size
+
+    @property
+    def needs_reference(self) -> bool:
+        """A frozen reference is built only when ``beta > 0``."""
+        return self.beta > 0
+
+    def prepare(self, rollout: Rollout, graph: CausalGraph, models: PolicyModels) -> dict[str, Tensor]:
+        """Reference log-probs and ``log p'_ref`` (no grad), once per rollout."""
+        out: dict[str, Tensor] = {}
+        if self.beta > 0:
+            out["ref_logps"] = reference_logps(rollout, models, self.batch_size)  # [N, T]
+        if self.kappa > 0:
+            if "context_ids" not in graph.extras:
+                raise ValueError("CausalProjectedKL with kappa > 0 needs the contexts of ColliderGraphBuilder")
+            p = context_probs(rollout, graph, models, self.batch_size)  # [N, M, T]
+            p_ref, clamped = projected_reference_probs(p[:, 0], p.mean(1), rollout.old_logps.exp(), self.min_prob)
+            out["causal_ref_logps"] = p_ref.log()  # [N, T]
+            out["causal_clamped"] = clamped  # [N, T]
+            if self.policy_context == "context":
+                out["x_ids"] = graph.extras["context_ids"][:, 0]  # [N, Px]: x_i = x_{i,0}
+                out["x_mask"] = graph.extras["context_mask"][:, 0]  # [N, Px]
+        return out
+
+    def penalty(self, scores: Scores, rollout: Rollout, prepared: dict[str, Any], models: PolicyModels) -> Penalty:
+        """``beta * kl_ref + kappa * kl_causal`` per token, with both KLs and the clamped fraction logged."""
+        mask = rollout.completion_mask
+        per_token = torch.zeros_like(scores.logps)  # [N, T]
+        metrics: dict[str, float] = {}
+        if self.beta > 0:
+            kl = k3(prepared["ref_logps"] - scores.logps)  # [N, T]
+            per_token = per_token + self.beta * kl
+            metrics["kl"] = masked_mean(kl.detach(), mask)
+        if self.kappa > 0:
+            logps_x = self.policy_logps_on_context(scores, rollout, prepared, models)  # [N, T], with grad
+            kl_causal = k3(prepared["causal_ref_logps"] - logps_x)  # [N, T]
+            per_token = per_token + self.kappa * kl_causal
+            metrics["causal_kl"] = masked_mean(kl_causal.detach(), mask)
+            metrics["causal_clamped_frac"] = masked_mean(prepared["causal_clamped"].float(), mask)
+        return Penalty(per_token=per_token, metrics=metrics)
+
+    def policy_logps_on_context(
+        self, scores: Scores, rollout: Rollout, prepared: dict[str, Any], models: PolicyModels
+    ) -> Tensor:
+        """``log pi_theta(y_t | x_i, y_<t)`` (the paper), or the main pass's ``log pi_theta(y_t | q, y_<t)``."""
+        if self.policy_context == "query":
+            return scores.logps
+        return score_completions(models.policy, prepared["x_ids"], prepared["x_mask"], rollout.completion_ids,
+                                 rollout.completion_mask, temperature=models.temperature).logps
