@@ -17,6 +17,7 @@ from torch import Tensor
 from gcpo_lightning.containers import CausalGraph, Penalty, PolicyModels, Rollout, Scores
 from gcpo_lightning.kl import masked_mean, reference_logps
 from gcpo_lightning.losses import k3
+from gcpo_lightning.prefix_sharing import shared_prefix_logps
 from gcpo_lightning.protocols import ProjectedKL
 from gcpo_lightning.scoring import score_completions, score_in_batches
 
@@ -38,6 +39,19 @@ def projected_reference_probs(p_x: Tensor, p_phi: Tensor, p_q: Tensor, min_prob:
     raw = p_x.float() - p_phi.float() + p_q.float()  # [N, T]
     clamped = (raw < min_prob) | (raw > 1.0)
     return raw.clamp(min=min_prob, max=1.0), clamped
+
+
+def context_probs_shared(rollout: Rollout, graph: CausalGraph, models: PolicyModels, batch_size: int) -> Tensor:
+    """As :func:`context_probs`, with each candidate's ``M`` contexts packed over their shared prefix.  ``[N, M, T]``."""
+    ids, mask = graph.extras["context_ids"], graph.extras["context_mask"].bool()  # [N, M, Px]
+    N, M, _ = ids.shape
+    contexts = [[ids[n, m][mask[n, m]].tolist() for m in range(M)] for n in range(N)]
+    ys = [y[m.bool()].tolist() for y, m in zip(rollout.completion_ids, rollout.completion_mask)]
+    logps = shared_prefix_logps(models.policy, contexts, ys, models.temperature, batch_size)  # N x [M, T_n]
+    out = torch.zeros(N, M, rollout.completion_ids.shape[1], device=ids.device)  # padding: log 1 (masked later)
+    for n, lp in enumerate(logps):
+        out[n, :, : lp.shape[1]] = lp
+    return out.exp()
 
 
 def context_probs(rollout: Rollout, graph: CausalGraph, models: PolicyModels, batch_size: int) -> Tensor:
@@ -67,7 +81,9 @@ class CausalProjectedKL(ProjectedKL):
         policy_context: ``context`` scores ``pi_theta`` on ``x_i`` as the paper writes (an extra gradient pass over
             the long context); ``query`` reuses the main pass on ``q`` (cheap). **[decision]**
         min_prob: lower clamp of ``p'_ref``.
-        batch_size: rows per no-grad forward pass.
+        share_prefix: score each candidate's ``M`` contexts in one packed pass over their shared prefix (exact;
+            needs a model that accepts 4D attention masks, as Hugging Face eager/sdpa attention does).
+        batch_size: rows per no-grad forward pass (packed sequences when ``share_prefix``).
     """
 
     def __init__(
@@ -76,6 +92,7 @@ class CausalProjectedKL(ProjectedKL):
         kappa: float = 0.06,
         policy_context: PolicyContext = "context",
         min_prob: float = 1e-6,
+        share_prefix: bool = True,
         batch_size: int = 64,
     ) -> None:
         if beta < 0 or kappa < 0:
@@ -87,6 +104,7 @@ class CausalProjectedKL(ProjectedKL):
         self.beta, self.kappa = beta, kappa
         self.policy_context = policy_context
         self.min_prob = min_prob
+        self.share_prefix = share_prefix
         self.batch_size = batch_size
 
     @property
@@ -102,7 +120,8 @@ class CausalProjectedKL(ProjectedKL):
         if self.kappa > 0:
             if "context_ids" not in graph.extras:
                 raise ValueError("CausalProjectedKL with kappa > 0 needs the contexts of ColliderGraphBuilder")
-            p = context_probs(rollout, graph, models, self.batch_size)  # [N, M, T]
+            probs = context_probs_shared if self.share_prefix else context_probs
+            p = probs(rollout, graph, models, self.batch_size)  # [N, M, T]
             p_ref, clamped = projected_reference_probs(p[:, 0], p.mean(1), rollout.old_logps.exp(), self.min_prob)
             out["causal_ref_logps"] = p_ref.log()  # [N, T]
             out["causal_clamped"] = clamped  # [N, T]

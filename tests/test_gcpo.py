@@ -191,3 +191,15 @@ def test_gcpo_fits_end_to_end(tiny_model_dir, tmp_path, policy_context):
                 "causal_weight/frac_negative", "kl", "timing/integration", "timing/context_generation",
                 "timing/context_representation", "loss"}
     assert expected <= logged, expected - logged
+
+
+def test_shared_prefix_context_probs_equal_plain(tiny_model_dir):
+    from gcpo_lightning.causal_kl import context_probs, context_probs_shared
+
+    module = make_module(tiny_model_dir, num_generations=3, graph_builder=ColliderGraphBuilder(num_integrated=3))
+    rollout, models = _rollout(module, G=3)
+    graph = module.graph_builder.build(rollout, models, module.sampler)
+    plain = context_probs(rollout, graph, models, batch_size=4)  # [N, M, T]
+    shared = context_probs_shared(rollout, graph, models, batch_size=4)  # [N, M, T]
+    mask = rollout.completion_mask.unsqueeze(1).bool().expand_as(plain)
+    torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=1e-4)
