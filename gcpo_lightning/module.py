@@ -46,6 +46,11 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
 
 
+def unique_names(names: list[str]) -> list[str]:
+    """``names`` with ``_<index>`` appended to every name that occurs more than once."""
+    return [f"{n}_{k}" if names.count(n) > 1 else n for k, n in enumerate(names)]
+
+
 @contextmanager
 def timed(metrics: dict[str, float], name: str) -> Iterator[None]:
     """Add the wall time of the block to ``metrics[f"timing/{name}"]``."""
@@ -361,9 +366,9 @@ class GCPOModule(L.LightningModule):
             "completions/clipped_ratio": rollout.truncated.float().mean().item() if rollout.truncated is not None else 0.0,
             "skipped_steps": float(self.skipped_steps),
         })
-        for k, fn in enumerate(self.reward_funcs):
-            metrics[f"rewards/{reward_name(fn)}/mean"] = per_func[:, k].mean().item()
-            metrics[f"rewards/{reward_name(fn)}/std"] = per_func[:, k].std().item()
+        for k, name in enumerate(unique_names([reward_name(fn) for fn in self.reward_funcs])):
+            metrics[f"rewards/{name}/mean"] = per_func[:, k].mean().item()
+            metrics[f"rewards/{name}/std"] = per_func[:, k].std().item()
         self.log_dict(metrics, on_step=True, on_epoch=False)
         every = self.log_completions_every_n_steps
         if every and self.global_step % every == 0:

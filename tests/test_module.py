@@ -140,3 +140,10 @@ def test_bad_reward_function_is_named_before_the_model_loads(tiny_model_dir, tmp
     module = make_module(tiny_model_dir, reward_funcs=[fn])
     with pytest.raises(RewardError, match=message):
         fit(module, tmp_path, steps=1)
+
+
+def test_reward_metric_names_stay_distinct():
+    from gcpo_lightning.module import unique_names
+
+    assert unique_names(["acc", "fmt", "acc"]) == ["acc_0", "fmt", "acc_2"]
+    assert unique_names(["acc", "fmt"]) == ["acc", "fmt"]
