@@ -55,6 +55,8 @@ class GroupNormalizedAdvantage(RewardAdjuster):
         eps: added to the standard deviation (TRL uses 1e-4).
     """
 
+    needs_representations = False  # reads rewards only
+
     def __init__(self, scale_rewards: ScaleRewards = "group", eps: float = 1e-4) -> None:
         if scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"GroupNormalizedAdvantage: scale_rewards must be group/batch/none, got {scale_rewards!r}")

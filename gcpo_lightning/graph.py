@@ -9,6 +9,8 @@ from gcpo_lightning.protocols import CausalGraphBuilder, Sampler
 class IndependentResponses(CausalGraphBuilder):
     """No collider: each response is conditioned on the query only (GRPO's view of a group). Costs nothing."""
 
+    needs_representations = False  # GRPO reads no hidden states or old log-probs
+
     def build(self, rollout: Rollout, models: PolicyModels, sampler: Sampler) -> CausalGraph:
         """The fork-only graph, carrying the candidates' representations ``rep(y_i)``."""
         return CausalGraph(group_size=rollout.group_size, representations=rollout.hidden)

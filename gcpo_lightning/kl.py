@@ -32,6 +32,8 @@ class ReferenceKL(ProjectedKL):
         batch_size: rows per no-grad reference forward pass.
     """
 
+    needs_representations = False  # reads the reference's log-probs only
+
     def __init__(self, beta: float = 0.04, batch_size: int = 64) -> None:
         if beta < 0:
             raise ValueError(f"ReferenceKL: beta must be >= 0, got {beta}")

@@ -264,7 +264,8 @@ class GCPOModule(L.LightningModule):
         """Sample, reward, build the graph, compute advantages, prepare the penalty, update."""
         metrics: dict[str, float] = {}
         models = self.models()
-        rollout = self.sampler.sample(models, self.prompts_for(batch), self.num_generations)
+        rollout = self.sampler.sample(models, self.prompts_for(batch), self.num_generations,
+                                      score=self.needs_rollout_scores(len(batch)))
         rollout.rows = batch
         metrics.update(rollout.metrics)
         with timed(metrics, "rewards"):
@@ -278,6 +279,18 @@ class GCPOModule(L.LightningModule):
             metrics.update(self.update(rollout, advantages, prepared, models))
         metrics.update(graph.metrics, **advantages.metrics)
         self.log_step(rollout, rewards, per_func, metrics)
+
+    def needs_rollout_scores(self, num_prompts: int) -> bool:
+        """Whether the rollout must be re-scored before the update (old log-probs, hidden states).
+
+        Not when the update is one on-policy step over the whole rollout (then ``pi_old`` is the current policy and
+        its log-probs come from the update's own pass, as in TRL) and no component reads representations.
+        Components declare ``needs_representations = False`` to allow this; unknown components are assumed to
+        need them.
+        """
+        one_step = self.num_iterations == 1 and (self.mini_batch_size or 0) in (0, num_prompts * self.num_generations)
+        reads = any(getattr(c, "needs_representations", True) for c in (self.graph_builder, self.adjuster, self.kl))
+        return not one_step or reads
 
     def mini_batches(self, n: int) -> list[Tensor]:
         """Completion indices of each optimiser step of one pass: whole groups, in a random group order."""
@@ -326,7 +339,8 @@ class GCPOModule(L.LightningModule):
         scores = score_completions(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
                                    temperature=models.temperature)
         penalty = self.kl.penalty(scores, mb, prepared, models)
-        loss, ratio = policy_loss(scores.logps, mb.old_logps, adv, mb.completion_mask.float(), penalty.per_token,
+        old_logps = scores.logps.detach() if mb.old_logps is None else mb.old_logps  # on-policy: pi_old = pi_theta
+        loss, ratio = policy_loss(scores.logps, old_logps, adv, mb.completion_mask.float(), penalty.per_token,
                                   self.epsilon, self.epsilon_high, self.loss_type, self.sampler.max_completion_length)
         return loss, ratio, scores, penalty
 

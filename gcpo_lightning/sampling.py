@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from gcpo_lightning.containers import PolicyModels, Rollout
+from gcpo_lightning.decoding import decode
 from gcpo_lightning.protocols import Sampler
 from gcpo_lightning.scoring import score_in_batches
 
@@ -22,8 +23,10 @@ class GroupSampler(Sampler):
         top_p: nucleus sampling mass; 1.0 disables it.
         top_k: top-k filter; 0 disables it.
         max_completion_length: maximum new tokens per completion (TRL's ``max_completion_length``).
-        generation_batch_size: most sequences per ``generate`` call; ``None`` generates the whole batch at once.
+        generation_batch_size: most sequences per generation call; ``None`` generates the whole batch at once.
         score_batch_size: rows per no-grad scoring forward pass.
+        use_generate: generate with Hugging Face ``generate`` (any model, any generation feature) instead of the
+            kit's lean KV-cached loop (:func:`gcpo_lightning.decoding.decode`, faster on small models).
     """
 
     def __init__(
@@ -34,6 +37,7 @@ class GroupSampler(Sampler):
         max_completion_length: int = 48,
         generation_batch_size: int | None = None,
         score_batch_size: int = 64,
+        use_generate: bool = False,
     ) -> None:
         if temperature < 0:
             raise ValueError(f"GroupSampler: temperature must be >= 0, got {temperature}")
@@ -47,6 +51,7 @@ class GroupSampler(Sampler):
         self.max_completion_length = max_completion_length
         self.generation_batch_size = generation_batch_size
         self.score_batch_size = score_batch_size
+        self.use_generate = use_generate
 
     @torch.no_grad()
     def sample(
@@ -81,23 +86,28 @@ class GroupSampler(Sampler):
 
     def _generate(self, models: PolicyModels, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool) -> Tensor:
         """Completion tokens only, ``[N, T]`` with ``T <= max_completion_length``, generated in eval mode."""
-        policy, tok = models.policy, models.tokenizer
-        do_sample = not greedy and self.temperature > 0
-        kwargs: dict = dict(max_new_tokens=self.max_completion_length, do_sample=do_sample, pad_token_id=tok.pad_token_id)
-        kwargs["eos_token_id"] = eos_ids(tok)
-        if do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        policy = models.policy
         step = self.generation_batch_size or prompt_ids.shape[0]
         was_training = policy.training
         policy.eval()
         try:
-            chunks = [
-                policy.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, prompt_ids.shape[1] :]
-                for ids, mask in zip(prompt_ids.split(step), prompt_mask.split(step))
-            ]
+            chunks = [self._generate_chunk(models, ids, mask, greedy)
+                      for ids, mask in zip(prompt_ids.split(step), prompt_mask.split(step))]
         finally:
             policy.train(was_training)
-        return pad_cat(chunks, tok.pad_token_id)
+        return pad_cat(chunks, models.tokenizer.pad_token_id)
+
+    def _generate_chunk(self, models: PolicyModels, ids: Tensor, mask: Tensor, greedy: bool) -> Tensor:
+        tok = models.tokenizer
+        greedy = greedy or self.temperature == 0
+        if not self.use_generate:
+            return decode(models.policy, ids, mask, self.max_completion_length, eos_ids(tok), tok.pad_token_id,
+                          self.temperature, self.top_p, self.top_k, greedy)
+        kwargs: dict = dict(max_new_tokens=self.max_completion_length, do_sample=not greedy,
+                            pad_token_id=tok.pad_token_id, eos_token_id=eos_ids(tok))
+        if not greedy:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return models.policy.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :]
 
     def _score(self, models: PolicyModels, rollout: Rollout) -> None:
         """Fill ``old_logps`` and ``hidden`` with no-grad forward passes of ``score_batch_size`` rows."""

@@ -147,3 +147,13 @@ def test_reward_metric_names_stay_distinct():
 
     assert unique_names(["acc", "fmt", "acc"]) == ["acc_0", "fmt", "acc_2"]
     assert unique_names(["acc", "fmt"]) == ["acc", "fmt"]
+
+
+def test_rollout_is_rescored_only_when_needed(tiny_model_dir):
+    from gcpo_lightning import CausalAdvantage
+
+    grpo = make_module(tiny_model_dir)  # one on-policy step, GRPO components: old log-probs = detached new ones
+    assert not grpo.needs_rollout_scores(num_prompts=2)
+    assert make_module(tiny_model_dir, num_iterations=2).needs_rollout_scores(2)
+    assert make_module(tiny_model_dir, mini_batch_size=4).needs_rollout_scores(2)  # 2 optimiser steps
+    assert make_module(tiny_model_dir, adjuster=CausalAdvantage()).needs_rollout_scores(2)  # reads rep(y)

@@ -64,8 +64,9 @@ P, T = 7, 9  # prompt and completion widths (T is also max_completion_length)
 TEMPERATURE = 0.7
 EPSILON = 0.2
 EPSILON_HIGH = {"grpo": 0.2, "dapo": 0.28, "dr_grpo": 0.25}  # equal to epsilon for grpo, clip-higher otherwise
-LOSS_ATOL = 1e-5
-GRAD_RTOL = 1e-4  # per parameter tensor: max |g_ours - g_trl| <= GRAD_RTOL * max |g_trl| + 1e-7
+# Measured on CPU/fp32: |loss diff| <= 2.3e-8, per-tensor max |grad diff| / max |grad| <= 6.2e-7.
+LOSS_ATOL = 1e-6
+GRAD_RTOL = 1e-5  # per parameter tensor: max |g_ours - g_trl| <= GRAD_RTOL * max |g_trl| + 1e-7
 
 
 def make_trainer(model_dir: Path, out: Path, **config):
@@ -199,7 +200,7 @@ def test_trl_default_bias_corrected_kl_is_ratio_times_ours(model_dir: Path, tmp_
     assert_same(trl_loss, trl_grads, loss, our_grads)
     _, trl_grads, _, plain_grads, *_ = both_losses(trainer, "grpo", 0.04, 0.28)  # our ReferenceKL as is
     worst = max((plain_grads[n] - g).abs().max().item() / g.abs().max().item() for n, g in trl_grads.items())
-    assert worst > 10 * GRAD_RTOL  # a real difference in the update (~1% here with beta=0.04), not rounding
+    assert worst > 100 * GRAD_RTOL  # a real difference in the update (~0.8% here with beta=0.04), not rounding
 
 
 def test_left_padded_positions_do_not_matter_for_rope(model_dir: Path) -> None:

@@ -1,0 +1,44 @@
+"""The lean decoding loop: same greedy output as ``generate``, exact log-probs, and correct filtering."""
+
+from __future__ import annotations
+
+import torch
+
+from gcpo_lightning.decoding import decode, filter_logits
+from gcpo_lightning.models import load_causal_lm, load_tokenizer
+from gcpo_lightning.sampling import completion_mask_from_eos
+from gcpo_lightning.scoring import score_completions
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all() and torch.isfinite(filter_logits(logits, top_k=2)[0, :2]).all()
+    # top_p = 0.7: 0.5 alone is short of 0.7, 0.5 + 0.3 reaches it -> keep the first two
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7))[0].tolist()
+    assert kept == [True, True, False, False]
+    # top_p = 0.5: the first token alone reaches it
+    assert torch.isfinite(filter_logits(logits, top_p=0.5))[0].tolist() == [True, False, False, False]
+
+
+def test_greedy_matches_generate(tiny_model_dir):
+    model, tok = load_causal_lm(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    enc = tok(["Problem: 1+2\nSolution:", "Problem: 3+4+5-6\nSolution:"], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    ours = decode(model, enc["input_ids"], enc["attention_mask"], 10, [tok.eos_token_id], tok.pad_token_id,
+                  greedy=True)
+    ref = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)[:, enc["input_ids"].shape[1]:]
+    mask, _ = completion_mask_from_eos(ref, [tok.eos_token_id])
+    assert torch.equal(ours[:, : ref.shape[1]] * mask, ref * mask)
+
+
+def test_sampled_tokens_stop_at_eos_and_score_consistently(tiny_model_dir):
+    model, tok = load_causal_lm(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    enc = tok(["Problem: 1+2\nSolution:"] * 6, return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(0)
+    ids = decode(model, enc["input_ids"], enc["attention_mask"], 12, [tok.eos_token_id, 5], tok.pad_token_id,
+                 temperature=0.8)
+    mask, _ = completion_mask_from_eos(ids, [tok.eos_token_id, 5])
+    assert (ids[mask == 0] == tok.pad_token_id).all(), "padding after each row's EOS"
+    scores = score_completions(model, enc["input_ids"], enc["attention_mask"], ids, mask, temperature=0.8)
+    assert torch.isfinite(scores.logps[mask.bool()]).all()
