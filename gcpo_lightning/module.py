@@ -78,6 +78,8 @@ class GCPOModule(L.LightningModule):
         num_iterations: optimisation passes over each rollout (TRL's ``num_iterations``, PPO epochs).
         mini_batch_size: completions per optimiser step (a multiple of ``G`` dividing ``batch_size * G``);
             ``None`` makes one step per pass over the whole rollout.
+        micro_batch_size: completions per forward/backward pass; gradients of the micro-batches are accumulated
+            into one optimiser step (same result, less memory). ``None``: the whole mini-batch at once.
         epsilon: lower clip range of the importance ratio.
         epsilon_high: upper clip range (``None``: equal to ``epsilon``; DAPO uses 0.28).
         loss_type: ``grpo`` (sequence mean then group mean, the paper), ``dapo`` (token mean) or ``dr_grpo``
@@ -106,6 +108,7 @@ class GCPOModule(L.LightningModule):
         num_generations: int = 8,
         num_iterations: int = 1,
         mini_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
         loss_type: LossType = "grpo",
@@ -129,6 +132,7 @@ class GCPOModule(L.LightningModule):
         self.num_generations = num_generations
         self.num_iterations = num_iterations
         self.mini_batch_size = mini_batch_size
+        self.micro_batch_size = micro_batch_size
         self.epsilon = epsilon
         self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
         self.loss_type = loss_type
@@ -162,6 +166,8 @@ class GCPOModule(L.LightningModule):
         if self.mini_batch_size is not None and (self.mini_batch_size < 1 or self.mini_batch_size % self.num_generations):
             errors.append(f"mini_batch_size ({self.mini_batch_size}) must be a positive multiple of num_generations "
                           f"({self.num_generations}) so that every optimiser step holds whole groups")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            errors.append(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if not (0 < self.epsilon < 1) or self.epsilon_high <= 0:
             errors.append(f"epsilon must be in (0, 1) and epsilon_high > 0, got {self.epsilon}, {self.epsilon_high}")
         if self.loss_type not in LOSS_TYPES:
@@ -311,13 +317,23 @@ class GCPOModule(L.LightningModule):
         return {k: sum(v) / len(v) for k, v in stats.items()}
 
     def optimisation_step(self, mb: Rollout, adv: Tensor, prepared: dict[str, Any], models: PolicyModels) -> dict:
-        """One optimiser step on a mini-batch; a non-finite loss or gradient is skipped and counted."""
+        """One optimiser step on a mini-batch, accumulated over micro-batches; non-finite steps are skipped."""
         opt = self.optimizers()
-        loss, ratio, scores, penalty = self.compute_loss(mb, adv, prepared, models)
-        if not torch.isfinite(loss):
-            return self.skip_step(opt, "loss")
         opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        stats: dict[str, float] = {}
+        for index, weight in self.micro_batches(mb):
+            micro = mb.select(index)
+            loss, ratio, scores, penalty = self.compute_loss(micro, adv[index], {k: v[index] for k, v in prepared.items()},
+                                                             models)
+            if not torch.isfinite(loss):
+                return self.skip_step(opt, "loss")
+            self.manual_backward(loss * weight)
+            mask = micro.completion_mask.float()
+            clips = clip_fractions(ratio.detach(), adv[index], mask, self.epsilon, self.epsilon_high)
+            micro_stats = {"loss": loss.item(), "entropy": masked_mean(scores.entropy, mask), **penalty.metrics}
+            micro_stats.update({f"clip_ratio/{k}_mean": v.item() for k, v in clips.items()})
+            for k, v in micro_stats.items():
+                stats[k] = stats.get(k, 0.0) + weight * v
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm or float("inf"))
         if not torch.isfinite(grad_norm):
             return self.skip_step(opt, "gradient")
@@ -326,11 +342,19 @@ class GCPOModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        mask = mb.completion_mask.float()
-        clips = clip_fractions(ratio.detach(), adv, mask, self.epsilon, self.epsilon_high)
-        out = {"loss": loss.item(), "grad_norm": grad_norm.item(), "entropy": masked_mean(scores.entropy, mask)}
-        out.update({f"clip_ratio/{k}_mean": v.item() for k, v in clips.items()}, **penalty.metrics)
-        return out
+        return {**stats, "grad_norm": grad_norm.item()}
+
+    def micro_batches(self, mb: Rollout) -> list[tuple[Tensor, float]]:
+        """Chunks of ``micro_batch_size`` completions and the weight that makes their summed losses the full loss.
+
+        The weight is the chunk's share of completions (``grpo``, ``dr_grpo``) or of completion tokens (``dapo``).
+        """
+        n = mb.completion_ids.shape[0]
+        chunks = list(torch.arange(n, device=mb.completion_ids.device).split(self.micro_batch_size or n))
+        if self.loss_type == "dapo":
+            tokens = mb.completion_mask.sum(1).float()  # [n]
+            return [(c, (tokens[c].sum() / tokens.sum().clamp(min=1)).item()) for c in chunks]
+        return [(c, len(c) / n) for c in chunks]
 
     def compute_loss(
         self, mb: Rollout, adv: Tensor, prepared: dict[str, Any], models: PolicyModels

@@ -203,3 +203,29 @@ def test_shared_prefix_context_probs_equal_plain(tiny_model_dir):
     shared = context_probs_shared(rollout, graph, models, batch_size=4)  # [N, M, T]
     mask = rollout.completion_mask.unsqueeze(1).bool().expand_as(plain)
     torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_micro_batches_accumulate_to_the_full_gradient(tiny_model_dir, loss_type):
+    """Splitting a step into micro-batches gives the full batch's gradient (GCPO components, causal KL on x_i)."""
+    kwargs = dict(graph_builder=ColliderGraphBuilder(num_integrated=2), adjuster=CausalAdvantage(),
+                  kl=CausalProjectedKL(), num_generations=3, loss_type=loss_type)
+    full, micro = make_module(tiny_model_dir, **kwargs), make_module(tiny_model_dir, micro_batch_size=2, **kwargs)
+    rollout, models = _rollout(full, G=3)
+    graph = full.graph_builder.build(rollout, models, full.sampler)
+    rewards, _ = full.score_rewards(rollout)
+    adv = full.adjuster.adjust(rewards, rollout, graph).values
+    prepared = full.kl.prepare(rollout, graph, models)
+    grads = []
+    for module in (full, micro):
+        module.configure_model()
+        module.policy.load_state_dict(full.policy.state_dict())
+        module.policy.zero_grad()
+        for index, weight in module.micro_batches(rollout):
+            loss, *_ = module.compute_loss(rollout.select(index), adv[index], {k: v[index] for k, v in prepared.items()},
+                                           module.models())
+            (loss * weight).backward()
+        grads.append({n: p.grad.clone() for n, p in module.policy.named_parameters()})
+    assert len(micro.micro_batches(rollout)) == 3
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
