@@ -71,7 +71,8 @@ def write_table(summary: dict, walls: dict[str, list[float]], seeds: list[int], 
     for method, per in summary.items():
         cells = [f"{100 * m:.1f} ± {100 * sd:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
                  for m, sd, lo, hi in (per[s] for s in steps)]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.mean(walls[method]):.0f} s |")
+        lines.append(f"| {method} (n={len(walls[method])}) | " + " | ".join(cells)
+                     + f" | {statistics.mean(walls[method]):.0f} s |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -113,11 +114,17 @@ def main(argv: list[str] | None = None) -> None:
             runs[method].append(acc)
             walls[method].append(wall)
             print(f"{method:22s} seed {seed}: {acc}  ({wall:.0f} s)", flush=True)
+            write_outputs({m: r for m, r in runs.items() if r}, walls, args)  # partial results survive a stop
+    print((args.out / "results.md").read_text())
+
+
+def write_outputs(runs: dict[str, list[dict[int, float]]], walls: dict[str, list[float]], args: argparse.Namespace) -> None:
+    """Write the table and the plot for the runs finished so far."""
     summary = summarise(runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_table(summary, walls, args.seeds, args.out / "results.md")
+    seeds = sorted({s for s in args.seeds})
+    write_table(summary, walls, seeds, args.out / "results.md")
     write_plot(summary, args.out / "results.png")
-    print((args.out / "results.md").read_text())
 
 
 if __name__ == "__main__":

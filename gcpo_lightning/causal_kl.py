@@ -9,6 +9,7 @@ Per token of candidate ``y_i``::
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -81,6 +82,10 @@ class CausalProjectedKL(ProjectedKL):
         policy_context: ``context`` scores ``pi_theta`` on ``x_i`` as the paper writes (an extra gradient pass over
             the long context); ``query`` reuses the main pass on ``q`` (cheap). **[decision]**
         min_prob: lower clamp of ``p'_ref``.
+        max_ratio: caps ``u = p'_ref / pi_theta`` inside the causal k3 (tokens beyond the cap give no gradient);
+            ``None`` leaves it unbounded as in the paper. **[decision]** k3's gradient grows like ``u``, and a
+            candidate sampled under ``q`` can be very unlikely under ``x_i`` (``u`` in the thousands), which
+            made unbounded training diverge on the embedded model (docs/results.md).
         share_prefix: score each candidate's ``M`` contexts in one packed pass over their shared prefix (exact;
             needs a model that accepts 4D attention masks, as Hugging Face eager/sdpa attention does).
         batch_size: rows per no-grad forward pass (packed sequences when ``share_prefix``).
@@ -92,6 +97,7 @@ class CausalProjectedKL(ProjectedKL):
         kappa: float = 0.06,
         policy_context: PolicyContext = "context",
         min_prob: float = 1e-6,
+        max_ratio: float | None = None,
         share_prefix: bool = True,
         batch_size: int = 64,
     ) -> None:
@@ -99,11 +105,14 @@ class CausalProjectedKL(ProjectedKL):
             raise ValueError(f"CausalProjectedKL: beta and kappa must be >= 0, got beta={beta}, kappa={kappa}")
         if policy_context not in ("context", "query"):
             raise ValueError(f"CausalProjectedKL: policy_context must be 'context' or 'query', got {policy_context!r}")
+        if max_ratio is not None and max_ratio <= 1:
+            raise ValueError(f"CausalProjectedKL: max_ratio must be > 1 or null, got {max_ratio}")
         if not 0 < min_prob < 1:
             raise ValueError(f"CausalProjectedKL: min_prob must be in (0, 1), got {min_prob}")
         self.beta, self.kappa = beta, kappa
         self.policy_context = policy_context
         self.min_prob = min_prob
+        self.max_ratio = max_ratio
         self.share_prefix = share_prefix
         self.batch_size = batch_size
 
@@ -141,7 +150,11 @@ class CausalProjectedKL(ProjectedKL):
             metrics["kl"] = masked_mean(kl.detach(), mask)
         if self.kappa > 0:
             logps_x = self.policy_logps_on_context(scores, rollout, prepared, models)  # [N, T], with grad
-            kl_causal = k3(prepared["causal_ref_logps"] - logps_x)  # [N, T]
+            log_u = prepared["causal_ref_logps"] - logps_x  # [N, T] log(p'_ref / pi_theta)
+            if self.max_ratio is not None:
+                metrics["causal_ratio_capped_frac"] = masked_mean((log_u.detach() > math.log(self.max_ratio)).float(), mask)
+                log_u = log_u.clamp(max=math.log(self.max_ratio))
+            kl_causal = k3(log_u)  # [N, T]
             per_token = per_token + self.kappa * kl_causal
             metrics["causal_kl"] = masked_mean(kl_causal.detach(), mask)
             metrics["causal_clamped_frac"] = masked_mean(prepared["causal_clamped"].float(), mask)

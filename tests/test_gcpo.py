@@ -229,3 +229,23 @@ def test_micro_batches_accumulate_to_the_full_gradient(tiny_model_dir, loss_type
     assert len(micro.micro_batches(rollout)) == 3
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_causal_ratio_cap_bounds_the_penalty_and_its_gradient():
+    from types import SimpleNamespace
+
+    from gcpo_lightning.containers import Scores
+
+    # p'_ref = 0.5, pi_theta(y | x_i) = 0.001: u = 500, k3 = 500 - ln 500 - 1 = 492.785
+    # capped at max_ratio 10: k3(10) = 10 - ln 10 - 1 = 6.697415, and no gradient through the capped token
+    logps_x = torch.full((1, 1), math.log(0.001), requires_grad=True)
+    prepared = {"causal_ref_logps": torch.full((1, 1), math.log(0.5)), "causal_clamped": torch.zeros(1, 1, dtype=torch.bool)}
+    rollout = SimpleNamespace(completion_mask=torch.ones(1, 1))
+    for cap, expected in [(None, 500 - math.log(500) - 1), (10.0, 10 - math.log(10) - 1)]:
+        kl = CausalProjectedKL(beta=0.0, kappa=1.0, policy_context="query", max_ratio=cap)
+        out = kl.penalty(Scores(logps=logps_x), rollout, prepared, None)
+        assert out.per_token.item() == pytest.approx(expected, rel=1e-5)
+        grad, = torch.autograd.grad(out.per_token.sum(), logps_x)
+        assert (grad.item() == 0.0) == (cap is not None)
+    with pytest.raises(ValueError, match="max_ratio"):
+        CausalProjectedKL(max_ratio=1.0)
