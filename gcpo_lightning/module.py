@@ -12,11 +12,9 @@ One training step (docs/algorithm.md numbers these):
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -28,6 +26,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from gcpo_lightning.advantages import GroupNormalizedAdvantage, frac_zero_std
+from gcpo_lightning.completions_table import completions_table, write_completions
 from gcpo_lightning.containers import Advantages, Penalty, PolicyModels, Rollout, Scores
 from gcpo_lightning.graph import IndependentResponses
 from gcpo_lightning.kl import ReferenceKL, masked_mean
@@ -413,23 +412,10 @@ class GCPOModule(L.LightningModule):
             self.log_completions(rollout, rewards)
 
     def log_completions(self, rollout: Rollout, rewards: Tensor) -> None:
-        """Write a table of sample completions: ``completions.jsonl`` in the log folder, and to the logger."""
-        if not self.trainer.is_global_zero:
-            return
-        n = min(self.num_completions_to_log, len(rollout.completions))
-        table = [{"step": self.global_step, "prompt": rollout.rows[i // rollout.group_size]["prompt"],
-                  "completion": rollout.completions[i], "reward": rewards[i].item()} for i in range(n)]
-        log_dir = Path(self.trainer.log_dir or ".")
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with open(log_dir / "completions.jsonl", "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in table)
-        logger = self.logger
-        if logger is not None and hasattr(logger, "log_table"):
-            logger.log_table(key="completions", columns=list(table[0]), data=[list(r.values()) for r in table])
-        elif logger is not None and hasattr(getattr(logger, "experiment", None), "add_text"):
-            text = "\n".join(f"| {r['prompt']!r} | {r['completion']!r} | {r['reward']:.2f} |" for r in table)
-            logger.experiment.add_text("completions", "| prompt | completion | reward |\n|---|---|---|\n" + text,
-                                       self.global_step)
+        """Write a table of sample completions (``completions.jsonl`` in the log folder, and to the logger)."""
+        if self.trainer.is_global_zero:
+            table = completions_table(rollout, rewards, self.global_step, self.num_completions_to_log)
+            write_completions(table, self.trainer.log_dir, self.logger, self.global_step)
 
     # ----- held-out evaluation ---------------------------------------------------------------------------------
 
