@@ -21,7 +21,7 @@ AdamW (lr 1e-4, weight decay 0.01, grad-norm clip 1.0), fp32. Three TRL defaults
 work are switched off: ``bf16`` (on by default even on CPU), ``gradient_checkpointing`` (on by default) and
 ``use_bias_correction_kl`` (different KL maths; see tests/test_trl_parity.py). Completion length: with sampling
 it differs from run to run, so by default both sides suppress EOS until ``max_completion_length`` tokens
-(``min_new_tokens``: TRL through ``generation_kwargs``, ours through the policy's ``generation_config``), which
+(``min_new_tokens``: TRL through ``generation_kwargs``, ours through ``GroupSampler(min_new_tokens=...)``), which
 makes every completion exactly that long and the work identical; ``--natural-length`` turns that off and the
 completion tokens per second are printed either way.
 
@@ -177,7 +177,8 @@ def run_ours(args: argparse.Namespace, model_path: str, rows: list[dict[str, Any
         model_name_or_path=model_path,
         reward_funcs=[arithmetic_accuracy],
         sampler=GroupSampler(temperature=args.temperature, top_p=1.0, top_k=0,
-                             max_completion_length=args.max_completion_length),
+                             max_completion_length=args.max_completion_length,
+                             min_new_tokens=0 if args.natural_length else args.max_completion_length),
         kl=ReferenceKL(beta=args.beta),
         num_generations=args.num_generations,
         num_iterations=1,
@@ -187,9 +188,7 @@ def run_ours(args: argparse.Namespace, model_path: str, rows: list[dict[str, Any
         use_chat_template=False,
         log_completions_every_n_steps=0,
     )
-    module.configure_model()  # idempotent; done here to set the generation config before fit
-    if not args.natural_length:
-        module.policy.generation_config.min_new_tokens = args.max_completion_length
+    module.configure_model()  # idempotent; done here so that the model is loaded before timing starts
     steps = args.warmup + args.repeats
     captured: list[dict[str, float]] = []
     log_step = module.log_step

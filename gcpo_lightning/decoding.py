@@ -46,8 +46,11 @@ def decode(
     top_p: float = 1.0,
     top_k: int = 0,
     greedy: bool = False,
+    min_new_tokens: int = 0,
 ) -> Tensor:
     """Generate up to ``max_new_tokens`` after left-padded prompts; rows stop at their first EOS.
+
+    EOS cannot be sampled before ``min_new_tokens`` tokens (as ``generate``'s ``min_new_tokens``).
 
     Returns:
         ``[n, T]`` completion tokens (``T <= max_new_tokens``), ``pad_id`` after a row's EOS.
@@ -62,8 +65,11 @@ def decode(
     eos = torch.tensor(eos_ids, device=prompt_ids.device)
     done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)  # [n]
     tokens = []
-    for _ in range(max_new_tokens):
-        nxt = next_tokens(out.logits[:, -1], temperature, top_p, top_k, greedy)  # [n]
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1]  # [n, V]
+        if t < min_new_tokens:
+            logits = logits.index_fill(-1, eos, float("-inf"))
+        nxt = next_tokens(logits, temperature, top_p, top_k, greedy)  # [n]
         nxt = nxt.masked_fill(done, pad_id)
         tokens.append(nxt)
         done = done | torch.isin(nxt, eos)

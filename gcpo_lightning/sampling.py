@@ -25,6 +25,7 @@ class GroupSampler(Sampler):
         max_completion_length: maximum new tokens per completion (TRL's ``max_completion_length``).
         generation_batch_size: most sequences per generation call; ``None`` generates the whole batch at once.
         score_batch_size: rows per no-grad scoring forward pass.
+        min_new_tokens: EOS is not sampled before this many tokens (0: no minimum).
         use_generate: generate with Hugging Face ``generate`` (any model, any generation feature) instead of the
             kit's lean KV-cached loop (:func:`gcpo_lightning.decoding.decode`, faster on small models).
     """
@@ -37,6 +38,7 @@ class GroupSampler(Sampler):
         max_completion_length: int = 48,
         generation_batch_size: int | None = None,
         score_batch_size: int = 64,
+        min_new_tokens: int = 0,
         use_generate: bool = False,
     ) -> None:
         if temperature < 0:
@@ -51,6 +53,7 @@ class GroupSampler(Sampler):
         self.max_completion_length = max_completion_length
         self.generation_batch_size = generation_batch_size
         self.score_batch_size = score_batch_size
+        self.min_new_tokens = min_new_tokens
         self.use_generate = use_generate
 
     @torch.no_grad()
@@ -102,9 +105,9 @@ class GroupSampler(Sampler):
         greedy = greedy or self.temperature == 0
         if not self.use_generate:
             return decode(models.policy, ids, mask, self.max_completion_length, eos_ids(tok), tok.pad_token_id,
-                          self.temperature, self.top_p, self.top_k, greedy)
+                          self.temperature, self.top_p, self.top_k, greedy, self.min_new_tokens)
         kwargs: dict = dict(max_new_tokens=self.max_completion_length, do_sample=not greedy,
-                            pad_token_id=tok.pad_token_id, eos_token_id=eos_ids(tok))
+                            pad_token_id=tok.pad_token_id, eos_token_id=eos_ids(tok), min_new_tokens=self.min_new_tokens)
         if not greedy:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return models.policy.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :]

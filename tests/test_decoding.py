@@ -42,3 +42,16 @@ def test_sampled_tokens_stop_at_eos_and_score_consistently(tiny_model_dir):
     assert (ids[mask == 0] == tok.pad_token_id).all(), "padding after each row's EOS"
     scores = score_completions(model, enc["input_ids"], enc["attention_mask"], ids, mask, temperature=0.8)
     assert torch.isfinite(scores.logps[mask.bool()]).all()
+
+
+def test_min_new_tokens_suppresses_early_eos(tiny_model_dir):
+    model, tok = load_causal_lm(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    enc = tok(["Problem: 1+2\nSolution:"] * 4, return_tensors="pt", add_special_tokens=False)
+    # make EOS by far the most likely token: without a minimum every row stops at once
+    eos = tok.eos_token_id
+    with torch.no_grad():
+        model.lm_head.weight[eos] += 50 * model.model.norm(torch.ones(model.config.hidden_size))
+    ids = decode(model, enc["input_ids"], enc["attention_mask"], 8, [eos], tok.pad_token_id, greedy=True)
+    assert ids.shape[1] == 1 and (ids[:, 0] == eos).all()
+    ids = decode(model, enc["input_ids"], enc["attention_mask"], 8, [eos], tok.pad_token_id, min_new_tokens=5)
+    assert ids.shape[1] >= 6 and not (ids[:, :5] == eos).any()
