@@ -104,6 +104,19 @@ class CausalGraph:
         """True for GRPO's graph: no collider, responses conditioned on q alone."""
         return self.integrated is None
 
+    def structure(self, group: int = 0) -> dict[str, list]:
+        """Group ``group``'s nodes, causal edges and conditioning sets, by name, for inspection.
+
+        Edges: ``q -> y_i`` (the fork) and, with a collider, ``y_i -> y_n,l`` and ``q -> y_n,l``. Each context
+        ``x_i,l`` lists the nodes it conditions on: ``q``, every ``y_k`` with ``k != i``, and ``y_n,l``.
+        """
+        G = self.group_size
+        M = 0 if self.integrated is None else len(self.integrated[group])
+        ys, yn = [f"y_{i}" for i in range(G)], [f"y_n,{m}" for m in range(M)]
+        edges = [("q", y) for y in ys] + [(src, n) for n in yn for src in ["q", *ys]]
+        contexts = {f"x_{i},{m}": ["q", *[y for k, y in enumerate(ys) if k != i], yn[m]] for i in range(G) for m in range(M)}
+        return {"nodes": ["q", *ys, *yn], "edges": edges, "contexts": contexts}
+
 
 @dataclass
 class Advantages:

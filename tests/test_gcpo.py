@@ -249,3 +249,13 @@ def test_causal_ratio_cap_bounds_the_penalty_and_its_gradient():
         assert (grad.item() == 0.0) == (cap is not None)
     with pytest.raises(ValueError, match="max_ratio"):
         CausalProjectedKL(max_ratio=1.0)
+
+
+def test_graph_structure_names_the_collider():
+    independent = CausalGraph(group_size=2).structure()
+    assert independent["edges"] == [("q", "y_0"), ("q", "y_1")] and independent["contexts"] == {}
+    graph = CausalGraph(group_size=3, integrated=[["a", "b"]])
+    s = graph.structure()
+    assert ("y_2", "y_n,1") in s["edges"] and ("q", "y_n,0") in s["edges"]
+    assert s["contexts"]["x_1,0"] == ["q", "y_0", "y_2", "y_n,0"]
+    assert len(s["contexts"]) == 6
