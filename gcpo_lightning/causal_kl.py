@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from gcpo_lightning.containers import CausalGraph, Penalty, PolicyModels, Rollout, Scores
-from gcpo_lightning.kl import masked_mean, reference_logps
+from gcpo_lightning.kl import ReferenceKL, masked_mean
 from gcpo_lightning.losses import k3
 from gcpo_lightning.prefix_sharing import shared_prefix_logps
 from gcpo_lightning.protocols import ProjectedKL
@@ -110,6 +110,7 @@ class CausalProjectedKL(ProjectedKL):
         if not 0 < min_prob < 1:
             raise ValueError(f"CausalProjectedKL: min_prob must be in (0, 1), got {min_prob}")
         self.beta, self.kappa = beta, kappa
+        self.reference_kl = ReferenceKL(beta=beta, batch_size=batch_size)  # the ordinary beta term (Eq. 7)
         self.policy_context = policy_context
         self.min_prob = min_prob
         self.max_ratio = max_ratio
@@ -119,13 +120,11 @@ class CausalProjectedKL(ProjectedKL):
     @property
     def needs_reference(self) -> bool:
         """A frozen reference is built only when ``beta > 0``."""
-        return self.beta > 0
+        return self.reference_kl.needs_reference
 
     def prepare(self, rollout: Rollout, graph: CausalGraph, models: PolicyModels) -> dict[str, Tensor]:
         """Reference log-probs and ``log p'_ref`` (no grad), once per rollout."""
-        out: dict[str, Tensor] = {}
-        if self.beta > 0:
-            out["ref_logps"] = reference_logps(rollout, models, self.batch_size)  # [N, T]
+        out = self.reference_kl.prepare(rollout, graph, models)  # ref_logps when beta > 0
         if self.kappa > 0:
             if "context_ids" not in graph.extras:
                 raise ValueError("CausalProjectedKL with kappa > 0 needs the contexts of ColliderGraphBuilder")
@@ -142,12 +141,8 @@ class CausalProjectedKL(ProjectedKL):
     def penalty(self, scores: Scores, rollout: Rollout, prepared: dict[str, Any], models: PolicyModels) -> Penalty:
         """``beta * kl_ref + kappa * kl_causal`` per token, with both KLs and the clamped fraction logged."""
         mask = rollout.completion_mask
-        per_token = torch.zeros_like(scores.logps)  # [N, T]
-        metrics: dict[str, float] = {}
-        if self.beta > 0:
-            kl = k3(prepared["ref_logps"] - scores.logps)  # [N, T]
-            per_token = per_token + self.beta * kl
-            metrics["kl"] = masked_mean(kl.detach(), mask)
+        reference = self.reference_kl.penalty(scores, rollout, prepared, models)  # beta * kl_ref
+        per_token, metrics = reference.per_token, dict(reference.metrics)  # [N, T]
         if self.kappa > 0:
             logps_x = self.policy_logps_on_context(scores, rollout, prepared, models)  # [N, T], with grad
             log_u = prepared["causal_ref_logps"] - logps_x  # [N, T] log(p'_ref / pi_theta)
