@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor
 
 from gcpo_lightning.containers import CausalGraph, PolicyModels, Rollout
-from gcpo_lightning.prompts import CANDIDATE_LINE, CONTEXT_TEMPLATE, INTEGRATION_TEMPLATE
+from gcpo_lightning.prompts import CANDIDATE_LINE, CONTEXT_TEMPLATE, INTEGRATION_TEMPLATE, render_candidates
 from gcpo_lightning.protocols import CausalGraphBuilder, Sampler
 from gcpo_lightning.scoring import score_in_batches
 
@@ -79,9 +79,7 @@ class ColliderGraphBuilder(CausalGraphBuilder):
 
     def candidate_list(self, texts: list[str], skip: int | None = None) -> str:
         """Numbered candidate lines (original 1-based numbering), leaving out candidate ``skip``."""
-        return "\n".join(
-            self.candidate_template.format(index=k + 1, text=t) for k, t in enumerate(texts) if k != skip
-        )
+        return render_candidates(texts, skip, self.candidate_template)
 
     def candidate_texts(self, rollout: Rollout, tokenizer: Any) -> list[str]:
         """The ``N`` candidates as they appear in prompts (cut to their last tokens if configured)."""

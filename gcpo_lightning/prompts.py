@@ -25,10 +25,10 @@ CANDIDATE_LINE = "[{index}]{text}"
 """One line of a candidate list. ``text`` keeps its own leading space, as completions do."""
 
 
-def render_candidates(texts: list[str], skip: int | None = None) -> str:
+def render_candidates(texts: list[str], skip: int | None = None, template: str = CANDIDATE_LINE) -> str:
     """Render candidate completions as numbered lines, optionally leaving out candidate ``skip``.
 
     Numbering is 1-based and follows the original positions, so candidate 3 is always ``[3]``.
     """
-    lines = [CANDIDATE_LINE.format(index=k + 1, text=t) for k, t in enumerate(texts) if k != skip]
+    lines = [template.format(index=k + 1, text=t) for k, t in enumerate(texts) if k != skip]
     return "\n".join(lines)
