@@ -12,11 +12,18 @@ from gcpo_lightning.protocols import RewardAdjuster
 ScaleRewards = Literal["group", "batch", "none"]
 
 
-def group_normalize(rewards: Tensor, group_size: int, scale_rewards: ScaleRewards = "group", eps: float = 1e-4) -> Tensor:
+def group_normalize(
+    rewards: Tensor,
+    group_size: int,
+    scale_rewards: ScaleRewards = "group",
+    eps: float = 1e-4,
+    batch_rewards: Tensor | None = None,
+) -> Tensor:
     """``A_i = (r_i - mean_group(r)) / (std + eps)``, with TRL's ``scale_rewards`` choices.
 
     ``std`` is the unbiased standard deviation of the group (``"group"``), of the whole batch (``"batch"``,
-    Dr. GRPO / "Understanding R1-Zero"), or not divided at all (``"none"``).  ``[N] -> [N]``.
+    Dr. GRPO / "Understanding R1-Zero"; the batch is ``batch_rewards`` when given, i.e. every rank's rewards), or
+    not divided at all (``"none"``).  ``[N] -> [N]``.
     """
     grouped = rewards.view(-1, group_size)  # [B, G]
     centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # [N]
@@ -25,7 +32,7 @@ def group_normalize(rewards: Tensor, group_size: int, scale_rewards: ScaleReward
     if scale_rewards == "group":
         std = grouped.std(dim=1).repeat_interleave(group_size)  # [N]
     elif scale_rewards == "batch":
-        std = rewards.std().expand_as(rewards)  # [N]
+        std = (rewards if batch_rewards is None else batch_rewards).std().expand_as(rewards)  # [N]
     else:
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     return centred / (std + eps)
@@ -63,8 +70,10 @@ class GroupNormalizedAdvantage(RewardAdjuster):
         self.scale_rewards = scale_rewards
         self.eps = eps
 
-    def adjust(self, rewards: Tensor, rollout: Rollout, graph: CausalGraph) -> Advantages:
+    def adjust(
+        self, rewards: Tensor, rollout: Rollout, graph: CausalGraph, batch_rewards: Tensor | None = None
+    ) -> Advantages:
         """Group-normalised advantages ``A``; the causal graph is not used."""
-        values = group_normalize(rewards, rollout.group_size, self.scale_rewards, self.eps)
+        values = group_normalize(rewards, rollout.group_size, self.scale_rewards, self.eps, batch_rewards)
         return Advantages(values=values, metrics=advantage_stats(values))
 

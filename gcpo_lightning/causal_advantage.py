@@ -111,11 +111,13 @@ class CausalAdvantage(RewardAdjuster):
         self.alpha, self.similarity, self.sigma = alpha, similarity, sigma
         self.scale_rewards, self.eps = scale_rewards, eps
 
-    def adjust(self, rewards: Tensor, rollout: Rollout, graph: CausalGraph) -> Advantages:
+    def adjust(
+        self, rewards: Tensor, rollout: Rollout, graph: CausalGraph, batch_rewards: Tensor | None = None
+    ) -> Advantages:
         """``B = A * U`` per completion, with the weights' distribution in the metrics."""
         if graph.representations is None:
             raise ValueError("CausalAdvantage needs candidate representations; the sampler must score the rollout")
-        adv = group_normalize(rewards, rollout.group_size, self.scale_rewards, self.eps)  # [N]
+        adv = group_normalize(rewards, rollout.group_size, self.scale_rewards, self.eps, batch_rewards)  # [N]
         target = causal_target(graph.representations, graph.context_representations, rollout.group_size)  # [N, D]
         u = causal_weights(graph.representations, target, self.alpha, self.similarity, self.sigma)  # [N]
         values = adv * u.to(adv.device)  # [N]

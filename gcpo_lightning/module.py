@@ -23,19 +23,33 @@ from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.nn.utils import clip_grad_norm_
 from torchmetrics import MeanMetric
 
-from gcpo_lightning.advantages import GroupNormalizedAdvantage, frac_zero_std
+from gcpo_lightning.advantages import GroupNormalizedAdvantage
+from gcpo_lightning.checks import check_data, settings_errors
 from gcpo_lightning.completions_table import completions_table, write_completions
 from gcpo_lightning.containers import Advantages, Penalty, PolicyModels, Rollout, Scores
+from gcpo_lightning.distributed import check_strategy, full_parameters, full_tensor, gather_across_ranks, shard_policy
+from gcpo_lightning.evaluation import (
+    SampledEvaluation,
+    answer_keys,
+    problem_records,
+    results_path,
+    write_problem_results,
+)
 from gcpo_lightning.graph import IndependentResponses
 from gcpo_lightning.kl import ReferenceKL, masked_mean
-from gcpo_lightning.losses import LOSS_TYPES, clip_fractions, policy_loss
+from gcpo_lightning.lora import DisabledAdapterReference, LoRAConfig, apply_lora
+from gcpo_lightning.losses import clip_fractions, policy_loss
 from gcpo_lightning.models import load_causal_lm, load_tokenizer, render_prompt
 from gcpo_lightning.protocols import CausalGraphBuilder, ProjectedKL, RewardAdjuster, RewardFn, Sampler
+from gcpo_lightning.quantization import QuantizationConfig, load_quantized
+from gcpo_lightning.resume import all_rng_states, restore_rank_rng
 from gcpo_lightning.rewards import arithmetic_accuracy, compute_rewards, reward_name
 from gcpo_lightning.sampling import GroupSampler
 from gcpo_lightning.scoring import score_completions
+from gcpo_lightning.step_metrics import rollout_metrics
 
 LossType = Literal["grpo", "dapo", "dr_grpo"]
 
@@ -43,11 +57,6 @@ LossType = Literal["grpo", "dapo", "dr_grpo"]
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     """AdamW with the paper's weight decay (0.01) and a learning rate suited to the embedded tiny model."""
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-
-
-def unique_names(names: list[str]) -> list[str]:
-    """``names`` with ``_<index>`` appended to every name that occurs more than once."""
-    return [f"{n}_{k}" if names.count(n) > 1 else n for k, n in enumerate(names)]
 
 
 @contextmanager
@@ -91,6 +100,23 @@ class GCPOModule(L.LightningModule):
         system_prompt: system message used with the chat template.
         log_completions_every_n_steps: how often a table of sample completions is written (0: never).
         num_completions_to_log: rows of that table.
+        gradient_checkpointing: recompute each decoder layer's activations in backward (less memory, ~30% slower).
+        logits_chunk_size: in the update, compute log-probs from the final hidden states this many completions at
+            a time (each chunk's logits recomputed in backward), so no ``[N, T, V]`` logits tensor is ever alive;
+            ``None``: the model's own full-batch logits.
+        eval_num_samples: completions per held-out problem in validate/test (and validation during fit): 1 is
+            greedy decoding; more are sampled with the sampler's settings and give pass@k, mean@k, majority@k.
+        eval_pass_at: the ``k`` values reported as ``pass@k`` (unbiased estimator); default ``(1, eval_num_samples)``.
+        eval_results_path: write one JSON line per held-out problem here (``{stage}`` and ``{step}`` are filled
+            in, e.g. ``runs/eval/{stage}_{step}.jsonl``); ``None``: no file.
+        fsdp_param_dtype: under ``ModelParallelStrategy`` (FSDP2), the dtype parameters are all-gathered in for
+            forward/backward (``bfloat16`` for mixed precision; ``None`` keeps the stored dtype). Gradients are
+            reduced in ``float32``.
+        lora: train LoRA adapters (PEFT) instead of the full policy; the reference is then the same model with
+            its adapters disabled (no second copy in memory).
+        quantization: load the policy's base in 4-bit (QLoRA; requires ``lora``).
+        reference_quantization: load the frozen reference in 4-bit NF4 (bitsandbytes), ~4x less memory than
+            bf16; ignored with ``lora`` (whose reference is the policy's own base).
     """
 
     def __init__(
@@ -119,6 +145,15 @@ class GCPOModule(L.LightningModule):
         system_prompt: str | None = None,
         log_completions_every_n_steps: int = 10,
         num_completions_to_log: int = 8,
+        eval_num_samples: int = 1,
+        eval_pass_at: list[int] | None = None,
+        eval_results_path: str | None = None,
+        gradient_checkpointing: bool = False,
+        logits_chunk_size: int | None = None,
+        fsdp_param_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
+        lora: LoRAConfig | None = None,
+        quantization: QuantizationConfig | None = None,
+        reference_quantization: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -141,6 +176,12 @@ class GCPOModule(L.LightningModule):
         self.use_chat_template, self.system_prompt = use_chat_template, system_prompt
         self.log_completions_every_n_steps = log_completions_every_n_steps
         self.num_completions_to_log = num_completions_to_log
+        self.eval_num_samples, self.eval_pass_at = eval_num_samples, eval_pass_at
+        self.eval_results_path = eval_results_path
+        self.gradient_checkpointing = gradient_checkpointing
+        self.logits_chunk_size = logits_chunk_size
+        self.fsdp_param_dtype = fsdp_param_dtype
+        self.lora, self.quantization, self.reference_quantization = lora, quantization, reference_quantization
         self.validate_settings()
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
@@ -148,62 +189,28 @@ class GCPOModule(L.LightningModule):
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.train_reward, self.train_accuracy = MeanMetric(), MeanMetric()
-        self.val_reward, self.val_accuracy = MeanMetric(), MeanMetric()
+        self.val_reward = MeanMetric()
+        self.eval_metric = SampledEvaluation(k=eval_num_samples, ks=eval_pass_at)
         self.baseline_accuracy: float | None = None
+        self._rng_to_restore: list[dict[str, Any]] | None = None
+        self._problems_written = 0  # index of the next per-problem evaluation record
         self.save_hyperparameters(ignore=["sampler", "graph_builder", "adjuster", "kl", "reward_funcs", "optimizer",
                                           "lr_scheduler"])
 
     # ----- checks done before anything expensive ---------------------------------------------------------------
 
     def validate_settings(self) -> None:
-        """Raise a ``ValueError`` naming the bad setting; runs in ``__init__``, before any model is loaded."""
-        errors = []
-        if self.num_generations < 2:
-            errors.append(f"num_generations must be >= 2 (a group needs a baseline), got {self.num_generations}")
-        if self.num_iterations < 1:
-            errors.append(f"num_iterations must be >= 1, got {self.num_iterations}")
-        if self.mini_batch_size is not None and (self.mini_batch_size < 1 or self.mini_batch_size % self.num_generations):
-            errors.append(f"mini_batch_size ({self.mini_batch_size}) must be a positive multiple of num_generations "
-                          f"({self.num_generations}) so that every optimiser step holds whole groups")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            errors.append(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if not (0 < self.epsilon < 1) or self.epsilon_high <= 0:
-            errors.append(f"epsilon must be in (0, 1) and epsilon_high > 0, got {self.epsilon}, {self.epsilon_high}")
-        if self.loss_type not in LOSS_TYPES:
-            errors.append(f"loss_type must be one of {sorted(LOSS_TYPES)}, got {self.loss_type!r}")
-        if not self.reward_funcs:
-            errors.append("reward_funcs is empty")
-        if len(self.reward_weights) != len(self.reward_funcs):
-            errors.append(f"reward_weights has {len(self.reward_weights)} entries for {len(self.reward_funcs)} functions")
-        if not 0 <= self.accuracy_reward < max(len(self.reward_funcs), 1):
-            errors.append(f"accuracy_reward={self.accuracy_reward} is not an index into reward_funcs")
-        for fn in self.reward_funcs:
-            if not callable(fn):
-                errors.append(f"reward function {fn!r} is not callable")
+        """Raise a ``ValueError`` naming every bad setting; runs in ``__init__``, before any model is loaded."""
+        errors = settings_errors(self)
         if errors:
             raise ValueError("GCPOModule: " + "; ".join(errors))
 
     def setup(self, stage: str) -> None:
-        """Check the data against the settings once the data module is set up, before the model loads."""
+        """Check the strategy, and the data against the settings, once they are set up and before the model loads."""
+        check_strategy(self.trainer.strategy)
         dm = getattr(self.trainer, "datamodule", None)
-        batch_size = getattr(dm, "batch_size", None)
-        if stage == "fit" and batch_size is not None and self.mini_batch_size is not None:
-            total = batch_size * self.num_generations
-            if total % self.mini_batch_size:
-                raise ValueError(f"GCPOModule: batch_size * num_generations = {batch_size} * {self.num_generations} "
-                                 f"= {total} is not divisible by mini_batch_size={self.mini_batch_size}")
-        rows = getattr(dm, "train_rows", None) or getattr(dm, "val_rows", None)
-        if rows:
-            self.dry_run_rewards(rows[0])
-
-    def dry_run_rewards(self, row: dict[str, Any]) -> None:
-        """Call every reward function on one real row with two placeholder completions.
-
-        A function that needs a column the data lacks, raises, or returns the wrong number of values is
-        reported (by name) before any model is loaded.
-        """
-        columns = {k: [v, v] for k, v in row.items() if k != "prompt"}
-        compute_rewards(self.reward_funcs, self.reward_weights, [row["prompt"]] * 2, ["", " ?"], columns)
+        if dm is not None:
+            check_data(self, dm, stage)
 
     # ----- models ----------------------------------------------------------------------------------------------
 
@@ -212,10 +219,26 @@ class GCPOModule(L.LightningModule):
         if self.policy is not None:
             return
         self.tokenizer = load_tokenizer(self.model_name_or_path)
-        self.policy = load_causal_lm(self.model_name_or_path, self.model_kwargs).train()
-        if self.kl.needs_reference:
-            reference = load_causal_lm(self.model_name_or_path, self.model_kwargs).eval().requires_grad_(False)
-            self._reference = [reference]
+        policy = self.load_model(self.quantization)
+        if self.gradient_checkpointing:
+            policy.activation_checkpointing_enable({"use_reentrant": False})  # transformers' gradient checkpointing
+        if self.lora is not None:
+            policy = apply_lora(policy, self.lora)
+        mesh = self.device_mesh  # set by ModelParallelStrategy (FSDP2)
+        if mesh is not None:
+            dtype = getattr(torch, self.fsdp_param_dtype) if self.fsdp_param_dtype else None
+            shard_policy(policy.to(self.device), mesh, param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+        self.policy = policy.train()
+        if self.kl.needs_reference and self.lora is not None:
+            self._reference = [DisabledAdapterReference(self.policy)]
+        elif self.kl.needs_reference:
+            self._reference = [self.load_model(self.reference_quantization).eval().requires_grad_(False)]
+
+    def load_model(self, quantization: QuantizationConfig | None) -> torch.nn.Module:
+        """The model from ``model_name_or_path``, in 4-bit when ``quantization`` is given."""
+        if quantization is None:
+            return load_causal_lm(self.model_name_or_path, self.model_kwargs)
+        return load_quantized(self.model_name_or_path, self.model_kwargs, quantization)
 
     @property
     def reference(self) -> torch.nn.Module | None:
@@ -232,14 +255,38 @@ class GCPOModule(L.LightningModule):
         return render_prompt(self.tokenizer, text, self.use_chat_template, self.system_prompt)
 
     def on_fit_start(self) -> None:
-        """Move the reference next to the policy, and let the graph builder check lengths before training."""
+        """Move the reference next to the policy, and let the graph builder check lengths before training.
+
+        With several ranks each rank's global generator is re-seeded with ``seed + rank``, so ranks draw
+        independent sampling noise (a resumed run then restores every rank's own state in ``on_train_start``).
+        """
         self.on_validation_start()
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
         dm = getattr(self.trainer, "datamodule", None)
         rows = getattr(dm, "train_rows", None)
         check = getattr(self.graph_builder, "check_fits", None)  # optional: builders with long contexts have it
         if rows and check is not None:
             question = max((r.get("question", r["prompt"]) for r in rows[:1000]), key=len)
             check(self.models(), question, self.num_generations, self.sampler.max_completion_length)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add every rank's random states and the skip counters (the frozen reference is never saved)."""
+        checkpoint["gcpo_rng_states"] = all_rng_states()
+        checkpoint["gcpo_counters"] = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the random states for ``on_train_start`` (restoring earlier would be consumed by set-up)."""
+        self._rng_to_restore = checkpoint.get("gcpo_rng_states")
+        counters = checkpoint.get("gcpo_counters", {})
+        self.skipped_steps = counters.get("skipped_steps", 0)
+        self.consecutive_skips = counters.get("consecutive_skips", 0)
+
+    def on_train_start(self) -> None:
+        """On resume, continue the random streams exactly where the checkpoint left them."""
+        if self._rng_to_restore is not None:
+            restore_rank_rng(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def on_validation_start(self) -> None:
         """Move the reference next to the policy (it is not a registered submodule)."""
@@ -248,7 +295,7 @@ class GCPOModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """The optimizer (and scheduler) built from the injected factories."""
-        opt = self.optimizer_factory(self.policy.parameters())
+        opt = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])  # LoRA: adapters
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
@@ -269,21 +316,24 @@ class GCPOModule(L.LightningModule):
         """Sample, reward, build the graph, compute advantages, prepare the penalty, update."""
         metrics: dict[str, float] = {}
         models = self.models()
-        rollout = self.sampler.sample(models, self.prompts_for(batch), self.num_generations,
-                                      score=self.needs_rollout_scores(len(batch)))
-        rollout.rows = batch
-        metrics.update(rollout.metrics)
-        with timed(metrics, "rewards"):
-            rewards, per_func = self.score_rewards(rollout)
-        with timed(metrics, "graph"):
-            graph = self.graph_builder.build(rollout, models, self.sampler)
-        advantages = self.adjuster.adjust(rewards.to(self.device), rollout, graph)
-        with timed(metrics, "reference"):
-            prepared = self.kl.prepare(rollout, graph, models)
+        with full_parameters(self.policy):  # FSDP: gather once for the whole no-grad rollout phase
+            rollout = self.sampler.sample(models, self.prompts_for(batch), self.num_generations,
+                                          score=self.needs_rollout_scores(len(batch)))
+            rollout.rows = batch
+            metrics.update(rollout.metrics)
+            with timed(metrics, "rewards"):
+                rewards, per_func = self.score_rewards(rollout)
+                rewards, per_func = rewards.to(self.device), per_func.to(self.device)
+            with timed(metrics, "graph"):
+                graph = self.graph_builder.build(rollout, models, self.sampler)
+            batch_rewards = gather_across_ranks(rewards)  # [W*N]: every rank's rewards
+            advantages = self.adjuster.adjust(rewards, rollout, graph, batch_rewards=batch_rewards)
+            with timed(metrics, "reference"):
+                prepared = self.kl.prepare(rollout, graph, models)
         with timed(metrics, "update"):
             metrics.update(self.update(rollout, advantages, prepared, models))
         metrics.update(graph.metrics, **advantages.metrics)
-        self.log_step(rollout, rewards, per_func, metrics)
+        self.log_step(rollout, batch_rewards, gather_across_ranks(per_func), metrics)
 
     def needs_rollout_scores(self, num_prompts: int) -> bool:
         """Whether the rollout must be re-scored before the update (old log-probs, hidden states).
@@ -322,8 +372,8 @@ class GCPOModule(L.LightningModule):
         stats: dict[str, float] = {}
         for index, weight in self.micro_batches(mb):
             micro = mb.select(index)
-            loss, ratio, scores, penalty = self.compute_loss(micro, adv[index], {k: v[index] for k, v in prepared.items()},
-                                                             models)
+            micro_prepared = {k: v[index] for k, v in prepared.items()}
+            loss, ratio, scores, penalty = self.compute_loss(micro, adv[index], micro_prepared, models)
             if not torch.isfinite(loss):
                 return self.skip_step(opt, "loss")
             self.manual_backward(loss * weight)
@@ -333,7 +383,7 @@ class GCPOModule(L.LightningModule):
             micro_stats.update({f"clip_ratio/{k}_mean": v.item() for k, v in clips.items()})
             for k, v in micro_stats.items():
                 stats[k] = stats.get(k, 0.0) + weight * v
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm or float("inf"))
+        grad_norm = full_tensor(clip_grad_norm_(self.policy.parameters(), self.max_grad_norm or float("inf")))
         if not torch.isfinite(grad_norm):
             return self.skip_step(opt, "gradient")
         opt.step()
@@ -360,7 +410,7 @@ class GCPOModule(L.LightningModule):
     ) -> tuple[Tensor, Tensor, Scores, Penalty]:
         """``-J`` on a mini-batch under the current policy (paper Eq. 10, 12), with what the metrics need."""
         scores = score_completions(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
-                                   temperature=models.temperature)
+                                   temperature=models.temperature, logits_chunk_size=self.logits_chunk_size)
         penalty = self.kl.penalty(scores, mb, prepared, models)
         old_logps = scores.logps.detach() if mb.old_logps is None else mb.old_logps  # on-policy: pi_old = pi_theta
         loss, ratio = policy_loss(scores.logps, old_logps, adv, mb.completion_mask.float(), penalty.per_token,
@@ -387,29 +437,18 @@ class GCPOModule(L.LightningModule):
     # ----- logging ---------------------------------------------------------------------------------------------
 
     def log_step(self, rollout: Rollout, rewards: Tensor, per_func: Tensor, metrics: dict[str, float]) -> None:
-        """Log the step's metrics; reward and accuracy go to the progress bar."""
-        lengths = rollout.completion_mask.sum(1).float()  # [N]
-        acc = per_func[:, self.accuracy_reward]  # [N]
+        """Log the step's metrics (rewards of all ranks, ``[W*N]`` and ``[W*N, F]``); reward and accuracy go to the
+        progress bar."""
         self.train_reward(rewards)
-        self.train_accuracy(acc)
+        self.train_accuracy(per_func[:, self.accuracy_reward])
         self.log("reward", self.train_reward, prog_bar=True, on_step=True, on_epoch=False)
         self.log("accuracy", self.train_accuracy, prog_bar=True, on_step=True, on_epoch=False)
-        metrics.update({
-            "reward_std": rewards.std().item(),
-            "frac_reward_zero_std": frac_zero_std(rewards, rollout.group_size),
-            "completions/mean_length": lengths.mean().item(),
-            "completions/min_length": lengths.min().item(),
-            "completions/max_length": lengths.max().item(),
-            "completions/clipped_ratio": rollout.truncated.float().mean().item() if rollout.truncated is not None else 0.0,
-            "skipped_steps": float(self.skipped_steps),
-        })
-        for k, name in enumerate(unique_names([reward_name(fn) for fn in self.reward_funcs])):
-            metrics[f"rewards/{name}/mean"] = per_func[:, k].mean().item()
-            metrics[f"rewards/{name}/std"] = per_func[:, k].std().item()
+        metrics.update(rollout_metrics(rollout, rewards, per_func, [reward_name(fn) for fn in self.reward_funcs]))
+        metrics["skipped_steps"] = float(self.skipped_steps)
         self.log_dict(metrics, on_step=True, on_epoch=False)
         every = self.log_completions_every_n_steps
         if every and self.global_step % every == 0:
-            self.log_completions(rollout, rewards)
+            self.log_completions(rollout, rewards[: len(rollout.completions)])  # rank 0's rows come first
 
     def log_completions(self, rollout: Rollout, rewards: Tensor) -> None:
         """Write a table of sample completions (``completions.jsonl`` in the log folder, and to the logger)."""
@@ -420,30 +459,49 @@ class GCPOModule(L.LightningModule):
     # ----- held-out evaluation ---------------------------------------------------------------------------------
 
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
-        """Greedy completion of each held-out prompt; reward and accuracy are accumulated."""
-        rollout = self.sampler.sample(self.models(), self.prompts_for(batch), 1, greedy=True, score=False)
+        """``eval_num_samples`` completions per held-out problem (greedy when 1), scored by the reward functions."""
+        k = self.eval_num_samples
+        with full_parameters(self.policy):
+            rollout = self.sampler.sample(self.models(), self.prompts_for(batch), k, greedy=k == 1, score=False)
         rollout.rows = batch
         rewards, per_func = self.score_rewards(rollout)
+        correct = (per_func[:, self.accuracy_reward] > 0.5).view(len(batch), k)  # [P, k]
+        keys = answer_keys(self.reward_funcs[self.accuracy_reward], rollout.completions, k)
+        self.eval_metric.update(correct, keys)
         self.val_reward.update(rewards)
-        self.val_accuracy.update(per_func[:, self.accuracy_reward])
+        if self.eval_results_path:
+            self.write_problem_results(batch, rollout.completions, rewards, correct, keys, batch_idx)
 
     test_step = validation_step
 
+    def write_problem_results(self, batch: list, completions: list[str], rewards: Tensor, correct: Tensor,
+                              keys: list | None, batch_idx: int) -> None:
+        """Append this batch's per-problem records to the results JSONL (a new file at each evaluation)."""
+        stage = "test" if self.trainer.testing else "val"
+        path = results_path(self.eval_results_path, stage, self.global_step, self.global_rank, self.trainer.world_size)
+        self._problems_written = self._problems_written * (batch_idx > 0)  # a new evaluation starts at 0
+        records = problem_records(batch, completions, rewards, correct, keys, ks=self.eval_metric.ks,
+                                  majority_k=self.eval_num_samples, start_index=self._problems_written)
+        self._problems_written += len(batch)
+        write_problem_results(path, records, append=batch_idx > 0)
+
     def on_validation_epoch_end(self) -> None:
-        """Log held-out accuracy; the sanity check before training is logged as the step-0 baseline."""
-        accuracy, reward = self.val_accuracy.compute().item(), self.val_reward.compute().item()
-        self.val_accuracy.reset()
+        """Log pass@1 (as ``accuracy``), pass@k, mean@k and majority@k; the sanity check is the step-0 baseline."""
+        values = {k: v.item() for k, v in self.eval_metric.compute().items()}
+        values["accuracy"], values["reward"] = values["pass@1"], self.val_reward.compute().item()
+        self.eval_metric.reset()
         self.val_reward.reset()
         if self.trainer.sanity_checking:
-            self.baseline_accuracy = accuracy
-            rank_zero_info(f"held-out accuracy before training: {accuracy:.3f}")
+            self.baseline_accuracy = values["accuracy"]
+            rank_zero_info(f"held-out accuracy before training: {values['accuracy']:.3f}")
             if self.logger is not None:
-                self.logger.log_metrics({"val/accuracy": accuracy, "val/reward": reward}, step=0)
+                self.logger.log_metrics({f"val/{k}": v for k, v in values.items()}, step=0)
             return
         prefix = "test" if self.trainer.testing else "val"
+        accuracy = values.pop("accuracy")
         self.log(f"{prefix}/accuracy", accuracy, prog_bar=True)
-        self.log(f"{prefix}/reward", reward)
-        rank_zero_info(f"held-out accuracy ({prefix}) at step {self.global_step}: {accuracy:.3f}"
-                       + (f" (before training: {self.baseline_accuracy:.3f})" if self.baseline_accuracy is not None else ""))
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()})
+        before = f" (before training: {self.baseline_accuracy:.3f})" if self.baseline_accuracy is not None else ""
+        rank_zero_info(f"held-out accuracy ({prefix}) at step {self.global_step}: {accuracy:.3f}{before}")
 
     on_test_epoch_end = on_validation_epoch_end

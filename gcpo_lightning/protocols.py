@@ -48,8 +48,15 @@ class CausalGraphBuilder(Protocol):
 class RewardAdjuster(Protocol):
     """Turns rewards into per-completion advantages (GRPO's normalisation, GCPO's causal weighting)."""
 
-    def adjust(self, rewards: Tensor, rollout: Rollout, graph: CausalGraph) -> Advantages:
-        """``[N]`` rewards to ``[N]`` advantages."""
+    def adjust(
+        self, rewards: Tensor, rollout: Rollout, graph: CausalGraph, batch_rewards: Tensor | None = None
+    ) -> Advantages:
+        """``[N]`` rewards to ``[N]`` advantages.
+
+        Groups never span ranks (each rank samples whole groups), so group statistics are local. ``batch_rewards``
+        holds the rewards of the whole step gathered from every data-parallel rank (``[W*N]``, this rank's
+        included) for batch-level statistics; ``None`` means ``rewards`` is the whole batch.
+        """
         ...
 
 

@@ -79,6 +79,9 @@ def arithmetic_accuracy(completions: list[str], answer: list[str], **_: Any) -> 
     return [float(is_correct(c, a)) for c, a in zip(completions, answer)]
 
 
+arithmetic_accuracy.answer_key = extract_answer  # type: ignore[attr-defined]  # majority@k votes on this
+
+
 def arithmetic_format(completions: list[str], **_: Any) -> list[float]:
     """1.0 when the completion ends with a parseable ``Answer: <integer>``, else 0.0."""
     return [float(extract_answer(c) is not None) for c in completions]

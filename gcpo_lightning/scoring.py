@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gcpo_lightning.containers import Scores
 
@@ -49,6 +50,7 @@ def score_completions(
     temperature: float = 1.0,
     with_hidden: bool = False,
     chunk_size: int = 16,
+    logits_chunk_size: int | None = None,
 ) -> Scores:
     """Score ``completion_ids`` given ``prompt_ids`` under ``model`` in one forward pass.
 
@@ -63,22 +65,68 @@ def score_completions(
         temperature: the sampling temperature; logits are divided by it, as in generation.
         with_hidden: also return ``rep(y)``, the final-token hidden state after the last norm.
         chunk_size: rows per log-softmax chunk.
+        logits_chunk_size: when set, the model returns only hidden states and the LM head is applied to this many
+            rows at a time with activation checkpointing (:func:`chunked_head_logps`): no ``[N, T, V]`` logits
+            tensor exists, in forward or backward.
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P+T]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, P+T]
     T = completion_ids.shape[1]
+    chunked = logits_chunk_size is not None
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
-        output_hidden_states=with_hidden,
-        logits_to_keep=T + 1,
+        output_hidden_states=with_hidden or chunked,
+        logits_to_keep=1 if chunked else T + 1,
         use_cache=False,
     )
-    logits = out.logits[:, :-1] / temperature  # [N, T, V]: position t predicts completion token t
-    logps, entropy = selective_log_softmax(logits, completion_ids, chunk_size)
+    if chunked:
+        states = out.hidden_states[-1][:, -T - 1 : -1]  # [N, T, D]: position t predicts completion token t
+        logps, entropy = chunked_head_logps(model.get_output_embeddings(), states, completion_ids, temperature,
+                                            logits_chunk_size)
+    else:
+        logits = out.logits[:, :-1] / temperature  # [N, T, V]: position t predicts completion token t
+        logps, entropy = selective_log_softmax(logits, completion_ids, chunk_size)
     hidden = final_token_hidden(out.hidden_states[-1], attention_mask) if with_hidden else None
     return Scores(logps=logps, entropy=entropy, hidden=hidden)
+
+
+def _head_logps(head: nn.Module, states: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Log-probs of ``targets`` and (detached) entropies from hidden ``states``.  ``[n, T, D] -> [n, T], [n, T]``."""
+    log_probs = (head(states).float() / temperature).log_softmax(-1)  # [n, T, V]
+    logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [n, T]
+    entropy = -(log_probs.exp() * log_probs).sum(-1).detach()  # [n, T]
+    return logps, entropy
+
+
+def chunked_head_logps(
+    head: nn.Module, states: Tensor, targets: Tensor, temperature: float = 1.0, chunk_size: int = 4
+) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs and entropies through the LM ``head``, ``chunk_size`` rows at a time.
+
+    Each chunk's logits are recomputed in backward (activation checkpointing), so at most one ``[chunk, T, V]``
+    logits tensor is alive at once, in forward and in backward: memory does not grow with ``N * T * V``.
+
+    Args:
+        head: the output projection (``model.get_output_embeddings()``).
+        states: ``[N, T, D]`` final hidden states (after the last norm) at the positions that predict ``targets``.
+        targets: ``[N, T]`` token ids.
+        temperature: divides the logits, as in generation.
+        chunk_size: rows of ``N`` per chunk.
+
+    Returns:
+        ``(logps, entropy)``, both ``[N, T]`` in fp32; gradients flow through ``logps`` when ``states`` has them.
+    """
+    logps, entropies = [], []
+    for rows, tgt in zip(states.split(chunk_size), targets.split(chunk_size)):
+        if torch.is_grad_enabled() and rows.requires_grad:
+            lp, ent = checkpoint(_head_logps, head, rows, tgt, temperature, use_reentrant=False)
+        else:
+            lp, ent = _head_logps(head, rows, tgt, temperature)
+        logps.append(lp)
+        entropies.append(ent)
+    return torch.cat(logps), torch.cat(entropies)
 
 
 def final_token_hidden(hidden: Tensor, attention_mask: Tensor) -> Tensor:

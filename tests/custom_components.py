@@ -21,7 +21,9 @@ class ScaledAdvantage(RewardAdjuster):
     def __init__(self, scale: float = 2.0) -> None:
         self.scale = scale
 
-    def adjust(self, rewards: Tensor, rollout: Rollout, graph: CausalGraph) -> Advantages:
+    def adjust(
+        self, rewards: Tensor, rollout: Rollout, graph: CausalGraph, batch_rewards: Tensor | None = None
+    ) -> Advantages:
         """``scale * A``."""
         return Advantages(values=self.scale * group_normalize(rewards, rollout.group_size))
 

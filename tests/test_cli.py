@@ -13,12 +13,22 @@ from gcpo_lightning.module import GCPOModule
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
 
 
+ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]  # GPU configs are checked here on the CPU
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_config_instantiates(config):
-    cli = main(["--config", str(config)], run=False)
+    on_gpu = yaml.safe_load(config.read_text())["trainer"].get("accelerator") in ("gpu", "cuda")
+    cli = main(["--config", str(config), *(ON_CPU if on_gpu else [])], run=False)
     assert isinstance(cli.model, GCPOModule)
     assert cli.datamodule is not None
     assert cli.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize("overlay", sorted(Path(CONFIGS[0].parent, "overlays").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_overlay_composes_with_the_default(overlay):
+    cli = main(["--config", "configs/gcpo.yaml", "--config", str(overlay), *ON_CPU], run=False)
+    assert isinstance(cli.model, GCPOModule)
 
 
 def test_swap_component_in_yaml(tmp_path):

@@ -143,7 +143,7 @@ def test_bad_reward_function_is_named_before_the_model_loads(tiny_model_dir, tmp
 
 
 def test_reward_metric_names_stay_distinct():
-    from gcpo_lightning.module import unique_names
+    from gcpo_lightning.step_metrics import unique_names
 
     assert unique_names(["acc", "fmt", "acc"]) == ["acc_0", "fmt", "acc_2"]
     assert unique_names(["acc", "fmt"]) == ["acc", "fmt"]

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from gcpo_lightning.models import load_causal_lm, load_tokenizer
-from gcpo_lightning.prefix_sharing import branch_attention_mask, common_prefix_length, pack_branches, shared_prefix_logps
+from gcpo_lightning.prefix_sharing import (
+    branch_attention_mask,
+    common_prefix_length,
+    pack_branches,
+    shared_prefix_logps,
+)
 from gcpo_lightning.scoring import score_completions
 
 

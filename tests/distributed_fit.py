@@ -1,0 +1,121 @@
+"""Driver for the distributed tests: a short GCPO fit, launched as its own process (never imported by pytest).
+
+Lightning relaunches this command line for rank 1 (``ModelParallelStrategy`` on CPU: FSDP2 over gloo), so it must be
+a script. Every rank writes what the test checks to ``--out``:
+
+* ``rank<r>_step<s>.pt``: the rewards, the rewards gathered across ranks, the candidate representations and the
+  advantages that rank computed at optimiser step ``s``;
+* ``metrics_rank<r>.json``: the logged metrics of every step;
+* ``weights.pt`` (rank 0): the full policy weights at the end, and an HF export in ``hf/``.
+
+    python tests/distributed_fit.py --model DIR --out DIR --devices 2 --max-steps 4 [--save-at 2] [--resume CKPT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+sys.path.insert(0, str(Path(__file__).parent))
+from custom_components import length_reward  # noqa: E402
+
+from gcpo_lightning import (  # noqa: E402
+    ArithmeticDataModule,
+    CausalAdvantage,
+    CausalProjectedKL,
+    ColliderGraphBuilder,
+    GCPOModule,
+    GroupSampler,
+)
+from gcpo_lightning.callbacks import CheckpointOnSigterm, HFExport  # noqa: E402
+from gcpo_lightning.distributed import full_state_dict  # noqa: E402
+
+
+class RecordingAdvantage(CausalAdvantage):
+    """GCPO's causal advantage that also saves its inputs and outputs for the test."""
+
+    out: Path = Path(".")
+
+    def adjust(self, rewards, rollout, graph, batch_rewards=None):
+        result = super().adjust(rewards, rollout, graph, batch_rewards)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        step = self.trainer.global_step
+        torch.save({"rewards": rewards, "batch_rewards": batch_rewards, "z": graph.representations,
+                    "context_z": graph.context_representations, "advantages": result.values,
+                    "prompts": rollout.prompts},
+                   self.out / f"rank{rank}_step{step}.pt")
+        return result
+
+
+class MetricsRecorder(L.Callback):
+    """Keeps every step's logged metrics (``trainer.logged_metrics``) as plain floats."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        metrics = {k: float(v) for k, v in trainer.logged_metrics.items() if not k.startswith("timing/")}
+        self.rows.append({"step": trainer.global_step, **metrics})
+        print(f"STEP {trainer.global_step}", flush=True)  # the SIGTERM test waits for these lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--save-at", type=int, default=0, help="save a checkpoint after this many steps")
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--logits-chunk-size", type=int, default=None)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    L.seed_everything(0, workers=True)
+    adjuster = RecordingAdvantage(alpha=2.0, scale_rewards="batch")
+    RecordingAdvantage.out = out
+    module = GCPOModule(
+        model_name_or_path=args.model,
+        reward_funcs=[length_reward],
+        sampler=GroupSampler(max_completion_length=8),
+        graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1, max_candidate_tokens=8),
+        adjuster=adjuster,
+        kl=CausalProjectedKL(beta=0.04, kappa=0.06, max_ratio=10.0),
+        num_generations=4,
+        micro_batch_size=4,
+        log_completions_every_n_steps=0,
+        logits_chunk_size=args.logits_chunk_size,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0),
+    )
+    adjuster.trainer = module  # the recorder reads the step from the module
+    recorder = MetricsRecorder()
+    callbacks = [recorder, HFExport(dirpath=str(out / "hf")), CheckpointOnSigterm(dirpath=str(out / "ckpt"))]
+    if args.save_at:
+        callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.save_at, save_top_k=-1,
+                                         save_last=False, filename="{step}"))
+    strategy = (ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+                if args.devices > 1 else "auto")
+    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.max_steps,
+                        limit_val_batches=0, num_sanity_val_steps=0, logger=False, callbacks=callbacks,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(args.save_at))
+    dm = ArithmeticDataModule(batch_size=2, num_train=64, num_val=4, val_batch_size=4)
+    trainer.fit(module, dm, ckpt_path=args.resume)
+
+    sharded = any(type(p).__name__ == "DTensor" for p in module.policy.parameters())
+    state = full_state_dict(module.policy)
+    rank = trainer.global_rank
+    (out / f"metrics_rank{rank}.json").write_text(json.dumps({"rows": recorder.rows, "sharded": sharded}))
+    if trainer.is_global_zero:
+        torch.save(state, out / "weights.pt")
+
+
+if __name__ == "__main__":
+    main()

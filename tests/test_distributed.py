@@ -1,0 +1,88 @@
+"""FSDP2 (Lightning's ModelParallelStrategy) on CPU with two gloo processes: GCPO steps, rewards gathered across
+ranks, a sharded checkpoint, exact resume and the Hugging Face export.
+
+Each run is ``tests/distributed_fit.py`` in a subprocess: Lightning relaunches the command line for rank 1, so it
+must never run inside the pytest process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gcpo_lightning import CausalAdvantage
+from gcpo_lightning.containers import CausalGraph
+
+pytestmark = pytest.mark.distributed
+SCRIPT = Path(__file__).parent / "distributed_fit.py"
+
+
+def run_fit(model: Path, out: Path, *args: str, timeout: int = 600) -> Path:
+    """Run the driver to completion; fail with its output if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model), "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def metrics(out: Path, rank: int = 0) -> dict:
+    return json.loads((out / f"metrics_rank{rank}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """An uninterrupted 4-step run, and a run checkpointed at step 2 then resumed to step 4."""
+    root = tmp_path_factory.mktemp("fsdp")
+    full = run_fit(tiny_model_dir, root / "full", "--max-steps", "4")
+    first = run_fit(tiny_model_dir, root / "first", "--max-steps", "2", "--save-at", "2")
+    resumed = run_fit(tiny_model_dir, root / "resumed", "--max-steps", "4",
+                      "--resume", str(first / "ckpt" / "step=2.ckpt"))
+    return {"full": full, "first": first, "resumed": resumed}
+
+
+def test_policy_is_sharded_and_checkpoint_is_distributed(runs):
+    assert metrics(runs["full"])["sharded"] and metrics(runs["full"], 1)["sharded"]
+    ckpt = runs["first"] / "ckpt" / "step=2.ckpt"
+    assert ckpt.is_dir()  # one shard file per rank plus Lightning's metadata, no reference weights
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    meta = torch.load(ckpt / "meta.pt", weights_only=True)
+    assert len(meta["gcpo_rng_states"]) == 2 and "combined_loader" in meta["loops"]["fit_loop"]["state_dict"]
+
+
+def test_rewards_are_gathered_and_groups_stay_on_their_rank(runs):
+    ranks = [torch.load(runs["full"] / f"rank{r}_step1.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["prompts"] != ranks[1]["prompts"]  # each rank trains on its own prompts
+    everything = torch.cat([ranks[0]["rewards"], ranks[1]["rewards"]])
+    for rank in ranks:
+        assert torch.equal(rank["batch_rewards"], everything)
+    # the advantages (scale_rewards="batch") equal one process computing over both ranks' groups at once
+    graph = CausalGraph(group_size=4, representations=torch.cat([r["z"] for r in ranks]),
+                        context_representations=torch.cat([r["context_z"] for r in ranks]))
+    rollout = type("R", (), {"group_size": 4})()
+    joint = CausalAdvantage(alpha=2.0, scale_rewards="batch").adjust(everything, rollout, graph).values
+    torch.testing.assert_close(torch.cat([r["advantages"] for r in ranks]), joint)
+
+
+def test_resume_from_sharded_checkpoint_is_exact(runs):
+    full, resumed = metrics(runs["full"])["rows"], metrics(runs["resumed"])["rows"]
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert resumed == full[2:]  # every logged metric of steps 3 and 4, bit for bit
+    a = torch.load(runs["full"] / "weights.pt")
+    b = torch.load(runs["resumed"] / "weights.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_from_sharded_policy_loads_with_from_pretrained(runs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(runs["full"] / "hf")
+    weights = torch.load(runs["full"] / "weights.pt")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name

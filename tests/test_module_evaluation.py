@@ -1,0 +1,83 @@
+"""Sampled evaluation inside the module: validate/test report pass@k, mean@k, majority@k and write per-problem
+results, on a tiny model end to end (and from the command line)."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from test_module import make_module
+
+from gcpo_lightning import ArithmeticDataModule
+from gcpo_lightning.cli import main
+from gcpo_lightning.evaluation import pass_at_k, read_problem_results
+from gcpo_lightning.rewards import arithmetic_accuracy
+
+
+def even_length(completions, **_):
+    """Right when the completion has an even number of characters: about half the samples of a random model."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+even_length.answer_key = lambda c: str(len(c) % 4)  # votes: equal keys always share their correctness
+
+
+def always_right_on_first_problem(completions, answer, **_):
+    """Correct for every sample whose row's answer is that of the first held-out problem: pass@k is known."""
+    return [1.0 if a == answer[0] else 0.0 for a in answer]
+
+
+def test_validate_reports_sampled_metrics_and_writes_each_problem(tiny_model_dir, tmp_path):
+    module = make_module(tiny_model_dir, reward_funcs=[even_length], eval_num_samples=4, eval_pass_at=[1, 2, 4],
+                         eval_results_path=str(tmp_path / "eval" / "{stage}_{step}.jsonl"))
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    dm = ArithmeticDataModule(num_train=16, num_val=6, val_batch_size=4)
+    metrics = trainer.validate(module, dm)[0]
+    assert {"val/accuracy", "val/pass@2", "val/pass@4", "val/mean@4", "val/majority@4", "val/reward"} <= metrics.keys()
+    assert metrics["val/accuracy"] == metrics["val/pass@1"] == metrics["val/mean@4"]
+    assert 0 < metrics["val/pass@1"] < metrics["val/pass@2"] < metrics["val/pass@4"] <= 1
+    records = read_problem_results(tmp_path / "eval" / "val_0.jsonl")
+    assert [r.index for r in records] == list(range(6))  # two batches, one file, every problem once
+    for r in records:  # every record is consistent with its own samples
+        assert len(r.completions) == 4 and len(r.extracted) == 4
+        assert r.pass_at["pass@2"] == pytest.approx(pass_at_k(4, sum(r.correct), 2))
+        assert r.majority == r.correct[r.extracted.index(max(r.extracted, key=r.extracted.count))]
+    mean = sum(sum(r.correct) / 4 for r in records) / 6
+    assert metrics["val/pass@1"] == pytest.approx(mean)
+    assert metrics["val/majority@4"] == pytest.approx(sum(r.majority for r in records) / 6)
+
+
+def test_pass_at_k_of_known_correctness(tiny_model_dir):
+    # the reward marks every sample of the first problem of each batch right: with 2 problems per batch and
+    # 2 batches, half the problems are always solved -> pass@1 = pass@k = 0.5 exactly
+    module = make_module(tiny_model_dir, reward_funcs=[always_right_on_first_problem], eval_num_samples=3)
+    dm = ArithmeticDataModule(num_train=16, num_val=4, val_batch_size=2)
+    metrics = L.Trainer(logger=False, enable_progress_bar=False).validate(module, dm)[0]
+    assert metrics["val/pass@1"] == pytest.approx(0.5) and metrics["val/pass@3"] == pytest.approx(0.5)
+    assert "val/majority@3" not in metrics  # this reward has no answer_key: no vote
+
+
+def test_greedy_single_sample_is_deterministic(tiny_model_dir):
+    module = make_module(tiny_model_dir, reward_funcs=[arithmetic_accuracy])
+    dm = ArithmeticDataModule(num_train=16, num_val=4, val_batch_size=4)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    torch.manual_seed(0)
+    a = trainer.validate(module, dm)[0]
+    torch.manual_seed(1)
+    assert trainer.validate(module, dm)[0] == a
+
+
+def test_bad_eval_settings_fail_in_init(tiny_model_dir):
+    with pytest.raises(ValueError, match="eval_pass_at"):
+        make_module(tiny_model_dir, eval_num_samples=2, eval_pass_at=[4])
+
+
+def test_test_subcommand_from_the_command_line(tmp_path):
+    main(["test", "--config", "configs/grpo.yaml", "--trainer.logger", "false", "--trainer.default_root_dir",
+          str(tmp_path), "--trainer.enable_progress_bar",
+          "false", "--data.num_val", "4", "--model.eval_num_samples", "2",
+          "--model.eval_results_path", str(tmp_path / "{stage}.jsonl")])
+    lines = (tmp_path / "test.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and {"pass_at", "completions", "correct"} <= json.loads(lines[0]).keys()
