@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from gcpo_lightning.distributed import full_state_dict
+from gcpo_lightning.distributed import full_parameters, full_state_dict
 
 
 def export_policy(module: Any, path: str | Path) -> Path:
@@ -19,18 +19,19 @@ def export_policy(module: Any, path: str | Path) -> Path:
     written merged into its base model (a plain model, no PEFT needed to load it).
     """
     path = Path(path)
-    policy = module.policy
-    merge = getattr(policy, "merge_and_unload", None)
-    state = full_state_dict(policy)
-    if module.trainer is None or module.trainer.is_global_zero:
-        if merge is not None:
-            from gcpo_lightning.lora import export_merged
+    policy, rank_zero = module.policy, module.trainer is None or module.trainer.is_global_zero
+    if hasattr(policy, "merge_and_unload"):  # LoRA: merge the adapters into a copy of the base weights
+        from gcpo_lightning.lora import export_merged
 
-            export_merged(policy, module.tokenizer, path)
-        else:
+        with full_parameters(policy):  # FSDP: every rank gathers; rank 0 then reads plain tensors
+            if rank_zero:
+                export_merged(policy, module.tokenizer, path)
+    else:
+        state = full_state_dict(policy)  # collective under FSDP
+        if rank_zero:
             policy.save_pretrained(path, state_dict=state)
             module.tokenizer.save_pretrained(path)
-        rank_zero_info(f"policy exported to {path} (load it with from_pretrained)")
+    rank_zero_info(f"policy exported to {path} (load it with from_pretrained)")
     return path
 
 

@@ -36,6 +36,8 @@ from gcpo_lightning import (  # noqa: E402
 )
 from gcpo_lightning.callbacks import CheckpointOnSigterm, HFExport  # noqa: E402
 from gcpo_lightning.distributed import full_state_dict  # noqa: E402
+from gcpo_lightning.lora import LoRAConfig  # noqa: E402
+from gcpo_lightning.quantization import QuantizationConfig, count_4bit_linears  # noqa: E402
 
 
 class RecordingAdvantage(CausalAdvantage):
@@ -75,6 +77,8 @@ def main() -> None:
     parser.add_argument("--save-at", type=int, default=0, help="save a checkpoint after this many steps")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--logits-chunk-size", type=int, default=None)
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters (reference: adapters off)")
+    parser.add_argument("--reference-4bit", action="store_true", help="4-bit NF4 reference")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +97,8 @@ def main() -> None:
         micro_batch_size=4,
         log_completions_every_n_steps=0,
         logits_chunk_size=args.logits_chunk_size,
+        lora=LoRAConfig(r=4) if args.lora else None,
+        reference_quantization=QuantizationConfig() if args.reference_4bit else None,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0),
     )
     adjuster.trainer = module  # the recorder reads the step from the module
@@ -112,7 +118,10 @@ def main() -> None:
     sharded = any(type(p).__name__ == "DTensor" for p in module.policy.parameters())
     state = full_state_dict(module.policy)
     rank = trainer.global_rank
-    (out / f"metrics_rank{rank}.json").write_text(json.dumps({"rows": recorder.rows, "sharded": sharded}))
+    reference_4bit = args.reference_4bit and count_4bit_linears(module.reference) > 0
+    trainable = sorted(n for n, p in module.policy.named_parameters() if p.requires_grad)
+    summary = {"rows": recorder.rows, "sharded": sharded, "reference_4bit": reference_4bit, "trainable": trainable}
+    (out / f"metrics_rank{rank}.json").write_text(json.dumps(summary))
     if trainer.is_global_zero:
         torch.save(state, out / "weights.pt")
 

@@ -86,3 +86,24 @@ def test_export_from_sharded_policy_loads_with_from_pretrained(runs):
     weights = torch.load(runs["full"] / "weights.pt")
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name]), name
+
+
+def test_fsdp2_with_a_4bit_reference(tiny_model_dir, tmp_path):
+    out = run_fit(tiny_model_dir, tmp_path / "q4", "--max-steps", "2", "--reference-4bit")
+    summary = metrics(out)
+    assert summary["sharded"] and summary["reference_4bit"]
+    assert all(r["kl"] >= 0 for r in summary["rows"]) and summary["rows"][-1]["kl"] > 0
+
+
+def test_fsdp2_with_lora_trains_adapters_and_exports_merged(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = run_fit(tiny_model_dir, tmp_path / "lora", "--max-steps", "2", "--lora")
+    summary = metrics(out)
+    assert summary["sharded"] and summary["trainable"] and all("lora_" in n for n in summary["trainable"])
+    kls = [r["kl"] for r in summary["rows"]]
+    assert kls[0] == 0 and kls[-1] > 0  # B = 0 at the start: the policy is its reference; then it moves away
+    merged = AutoModelForCausalLM.from_pretrained(out / "hf").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all("proj" in k for k in changed)  # only the adapted projections differ from the base
