@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--logits-chunk-size", type=int, default=None)
     parser.add_argument("--lora", action="store_true", help="LoRA adapters (reference: adapters off)")
     parser.add_argument("--reference-4bit", action="store_true", help="4-bit NF4 reference")
+    parser.add_argument("--fsdp-param-dtype", default=None, help="e.g. bfloat16: FSDP2 mixed precision")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +100,7 @@ def main() -> None:
         logits_chunk_size=args.logits_chunk_size,
         lora=LoRAConfig(r=4) if args.lora else None,
         reference_quantization=QuantizationConfig() if args.reference_4bit else None,
+        fsdp_param_dtype=args.fsdp_param_dtype,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0),
     )
     adjuster.trainer = module  # the recorder reads the step from the module

@@ -88,8 +88,9 @@ def test_export_from_sharded_policy_loads_with_from_pretrained(runs):
         assert torch.equal(value, weights[name]), name
 
 
-def test_fsdp2_with_a_4bit_reference(tiny_model_dir, tmp_path):
-    out = run_fit(tiny_model_dir, tmp_path / "q4", "--max-steps", "2", "--reference-4bit")
+def test_fsdp2_with_a_4bit_reference_and_bf16_all_gathers(tiny_model_dir, tmp_path):
+    out = run_fit(tiny_model_dir, tmp_path / "q4", "--max-steps", "2", "--reference-4bit",
+                  "--fsdp-param-dtype", "bfloat16")
     summary = metrics(out)
     assert summary["sharded"] and summary["reference_4bit"]
     assert all(r["kl"] >= 0 for r in summary["rows"]) and summary["rows"][-1]["kl"] > 0
@@ -107,3 +108,21 @@ def test_fsdp2_with_lora_trains_adapters_and_exports_merged(tiny_model_dir, tmp_
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and all("proj" in k for k in changed)  # only the adapted projections differ from the base
+
+
+@pytest.mark.parametrize(("strategy", "message"), [
+    ("ddp", "DDPStrategy is not supported; use lightning.pytorch.strategies.ModelParallelStrategy"),
+    ("tp", "needs tensor_parallel_size=1"),
+])
+def test_unsupported_strategies_are_refused_before_loading(strategy, message):
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from gcpo_lightning.distributed import check_strategy
+
+    cpus = [torch.device("cpu")] * 2
+    made = (DDPStrategy(parallel_devices=cpus) if strategy == "ddp"
+            else ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
+    made.parallel_devices = cpus
+    with pytest.raises(ValueError, match=message):
+        check_strategy(made)
+    check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))  # FSDP only: accepted
