@@ -67,6 +67,7 @@ def context_probs(rollout: Rollout, graph: CausalGraph, models: PolicyModels, ba
         rollout.completion_mask.repeat_interleave(M, dim=0),
         models.temperature,
         batch_size=batch_size,
+        logits_chunk_size=models.logits_chunk_size,
     )
     return scores.logps.exp().view(N, M, -1)
 
@@ -162,4 +163,5 @@ class CausalProjectedKL(ProjectedKL):
         if self.policy_context == "query":
             return scores.logps
         return score_completions(models.policy, prepared["x_ids"], prepared["x_mask"], rollout.completion_ids,
-                                 rollout.completion_mask, temperature=models.temperature).logps
+                                 rollout.completion_mask, temperature=models.temperature,
+                                 logits_chunk_size=models.logits_chunk_size).logps

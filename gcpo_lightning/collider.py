@@ -163,7 +163,8 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         prompt_ids = rollout.prompt_ids.repeat_interleave(per_candidate, dim=0)  # [N*M*K, P]
         prompt_mask = rollout.prompt_mask.repeat_interleave(per_candidate, dim=0)  # [N*M*K, P]
         scores = score_in_batches(models.policy, prompt_ids, prompt_mask, samples.completion_ids,
-                                  samples.completion_mask, models.temperature, True, self.batch_size)
+                                  samples.completion_mask, models.temperature, True, self.batch_size,
+                                  models.logits_chunk_size)
         return scores.hidden
 
     # ----- a check before training -------------------------------------------------------------------------------

@@ -143,3 +143,4 @@ class PolicyModels:
     reference: Any | None = None
     temperature: float = 1.0  # the rollout temperature, applied whenever log-probs are recomputed
     render: Callable[[str], str] = str  # text -> model input (applies the chat template where one is used)
+    logits_chunk_size: int | None = None  # rows per LM-head chunk when scoring (None: the model's full logits)

@@ -21,7 +21,8 @@ def masked_mean(x: Tensor, mask: Tensor) -> float:
 def reference_logps(rollout: Rollout, models: PolicyModels, batch_size: int = 64) -> Tensor:
     """``log pi_ref(y_t | q, y_<t)`` for every completion token, ``[N, T]``, temperature applied, no grad."""
     return score_in_batches(models.reference, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                            rollout.completion_mask, models.temperature, batch_size=batch_size).logps
+                            rollout.completion_mask, models.temperature, batch_size=batch_size,
+                            logits_chunk_size=models.logits_chunk_size).logps
 
 
 class ReferenceKL(ProjectedKL):

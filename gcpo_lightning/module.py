@@ -101,9 +101,9 @@ class GCPOModule(L.LightningModule):
         log_completions_every_n_steps: how often a table of sample completions is written (0: never).
         num_completions_to_log: rows of that table.
         gradient_checkpointing: recompute each decoder layer's activations in backward (less memory, ~30% slower).
-        logits_chunk_size: in the update, compute log-probs from the final hidden states this many completions at
-            a time (each chunk's logits recomputed in backward), so no ``[N, T, V]`` logits tensor is ever alive;
-            ``None``: the model's own full-batch logits.
+        logits_chunk_size: compute log-probs from the final hidden states this many completions at a time (in the
+            update each chunk's logits are recomputed in backward), so no ``[N, T, V]`` logits tensor is ever
+            alive, in any scoring pass; ``None``: the model's own logits for each scoring batch.
         eval_num_samples: completions per held-out problem in validate/test (and validation during fit): 1 is
             greedy decoding; more are sampled with the sampler's settings and give pass@k, mean@k, majority@k.
         eval_pass_at: the ``k`` values reported as ``pass@k`` (unbiased estimator); default ``(1, eval_num_samples)``.
@@ -248,7 +248,8 @@ class GCPOModule(L.LightningModule):
     def models(self) -> PolicyModels:
         """The models bundle handed to components."""
         return PolicyModels(policy=self.policy, tokenizer=self.tokenizer, reference=self.reference,
-                            temperature=self.sampler.temperature or 1.0, render=self.render)
+                            temperature=self.sampler.temperature or 1.0, render=self.render,
+                            logits_chunk_size=self.logits_chunk_size)
 
     def render(self, text: str) -> str:
         """``text`` as fed to the model (chat template applied where used)."""
@@ -410,7 +411,7 @@ class GCPOModule(L.LightningModule):
     ) -> tuple[Tensor, Tensor, Scores, Penalty]:
         """``-J`` on a mini-batch under the current policy (paper Eq. 10, 12), with what the metrics need."""
         scores = score_completions(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
-                                   temperature=models.temperature, logits_chunk_size=self.logits_chunk_size)
+                                   temperature=models.temperature, logits_chunk_size=models.logits_chunk_size)
         penalty = self.kl.penalty(scores, mb, prepared, models)
         old_logps = scores.logps.detach() if mb.old_logps is None else mb.old_logps  # on-policy: pi_old = pi_theta
         loss, ratio = policy_loss(scores.logps, old_logps, adv, mb.completion_mask.float(), penalty.per_token,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gcpo_lightning.scoring import selective_log_softmax
+from gcpo_lightning.scoring import chunked_head_logps, final_states, lm_head
 
 
 @dataclass
@@ -107,12 +107,15 @@ def _score_packs(model: nn.Module, packs: list[PackedBranches], ys: list[list[in
     mask = branch_attention_mask(branch, branch != -2, dtype)  # [n, 1, L, L]
     was_training = model.training
     model.eval()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits  # [n, L, V]
+    with final_states(model) as captured:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                    logits_to_keep=1 if captured else 0, output_hidden_states=not captured)
     model.train(was_training)
+    states = captured["states"] if captured else out.hidden_states[-1]  # [n, L, D] after the final norm
     results = []
     for k, (pack, y) in enumerate(zip(packs, ys)):
         at = torch.tensor(pack.predict_at, device=device)  # [M, T_y]
-        rows = logits[k][at] / temperature  # [M, T_y, V]
         target = torch.tensor(y, device=device).expand(at.shape[0], -1)  # [M, T_y]
-        results.append(selective_log_softmax(rows, target)[0])
+        # the LM head only at the M x T_y positions that predict y, one branch at a time: never [n, L, V]
+        results.append(chunked_head_logps(lm_head(model), states[k][at], target, temperature, chunk_size=1)[0])
     return results

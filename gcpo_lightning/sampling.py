@@ -115,7 +115,8 @@ class GroupSampler(Sampler):
     def _score(self, models: PolicyModels, rollout: Rollout) -> None:
         """Fill ``old_logps`` and ``hidden`` with no-grad forward passes of ``score_batch_size`` rows."""
         scores = score_in_batches(models.policy, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                  rollout.completion_mask, models.temperature, True, self.score_batch_size)
+                                  rollout.completion_mask, models.temperature, True, self.score_batch_size,
+                                  models.logits_chunk_size)
         rollout.old_logps = scores.logps  # [N, T]
         rollout.hidden = scores.hidden  # [N, D]
 

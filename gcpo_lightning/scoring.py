@@ -7,6 +7,9 @@ distribution, and ``rep(y)``, the last-layer hidden state (after the final norm)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -73,23 +76,57 @@ def score_completions(
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [N, P+T]
     T = completion_ids.shape[1]
     chunked = logits_chunk_size is not None
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        output_hidden_states=with_hidden or chunked,
-        logits_to_keep=1 if chunked else T + 1,
-        use_cache=False,
-    )
+    need_states = chunked or with_hidden
+    with final_states(model, enabled=need_states) as captured:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            output_hidden_states=need_states and not captured,
+            logits_to_keep=1 if chunked else T + 1,
+            use_cache=False,
+        )
+    states = (captured["states"] if captured else out.hidden_states[-1]) if need_states else None  # [N, P+T, D]
     if chunked:
-        states = out.hidden_states[-1][:, -T - 1 : -1]  # [N, T, D]: position t predicts completion token t
-        logps, entropy = chunked_head_logps(model.get_output_embeddings(), states, completion_ids, temperature,
-                                            logits_chunk_size)
+        logps, entropy = chunked_head_logps(lm_head(model), states[:, -T - 1 : -1], completion_ids, temperature,
+                                            logits_chunk_size)  # position t predicts completion token t
     else:
         logits = out.logits[:, :-1] / temperature  # [N, T, V]: position t predicts completion token t
         logps, entropy = selective_log_softmax(logits, completion_ids, chunk_size)
-    hidden = final_token_hidden(out.hidden_states[-1], attention_mask) if with_hidden else None
+    hidden = final_token_hidden(states, attention_mask) if with_hidden else None
     return Scores(logps=logps, entropy=entropy, hidden=hidden)
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The decoder's final norm (``...model.norm`` in Llama, Qwen, Mistral, Gemma...), whose output the LM head
+    reads; ``None`` when the model has no module of that name."""
+    norms = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in ("norm", "final_layernorm", "ln_f")]
+    return norms[-1] if norms else None
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    """The output projection (through wrappers such as a PEFT model)."""
+    return model.get_output_embeddings()
+
+
+@contextmanager
+def final_states(model: nn.Module, enabled: bool = True) -> Iterator[dict[str, Tensor]]:
+    """Capture the final norm's output ``[N, L, D]`` during the forward passes run in the block.
+
+    The dict yielded is empty (falsy) when disabled or when the model has no recognisable final norm; callers
+    then fall back to ``output_hidden_states``. Unlike ``output_hidden_states`` nothing else is kept alive.
+    """
+    norm = final_norm(model) if enabled else None
+    captured: dict[str, Tensor] = {}
+    if norm is None:
+        yield captured
+        return
+    captured["states"] = torch.empty(0)  # a placeholder makes the dict truthy: capturing is on
+    handle = norm.register_forward_hook(lambda module, inputs, output: captured.__setitem__("states", output))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def _head_logps(head: nn.Module, states: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -151,6 +188,7 @@ def score_in_batches(
     temperature: float = 1.0,
     with_hidden: bool = False,
     batch_size: int = 64,
+    logits_chunk_size: int | None = None,
 ) -> Scores:
     """:func:`score_completions` without gradients, ``batch_size`` rows per forward pass, in eval mode."""
     was_training = model.training
@@ -158,7 +196,7 @@ def score_in_batches(
     parts = [
         score_completions(model, prompt_ids[s : s + batch_size], prompt_mask[s : s + batch_size],
                           completion_ids[s : s + batch_size], completion_mask[s : s + batch_size],
-                          temperature=temperature, with_hidden=with_hidden)
+                          temperature=temperature, with_hidden=with_hidden, logits_chunk_size=logits_chunk_size)
         for s in range(0, prompt_ids.shape[0], batch_size)
     ]
     model.train(was_training)

@@ -99,3 +99,21 @@ def test_export_callback_writes_a_loadable_folder(tiny_model_dir, tmp_path):
     for name, value in module.policy.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").pad_token_id == module.tokenizer.pad_token_id
+
+
+def test_chunked_logits_leave_a_gcpo_step_unchanged(tiny_model_dir, tmp_path):
+    from gcpo_lightning import CausalAdvantage, CausalProjectedKL, ColliderGraphBuilder
+
+    results = []
+    for chunk in (None, 2):
+        L.seed_everything(0)
+        module = make_module(tiny_model_dir, graph_builder=ColliderGraphBuilder(num_integrated=2),
+                             adjuster=CausalAdvantage(), kl=CausalProjectedKL(policy_context="context"),
+                             logits_chunk_size=chunk, log_completions_every_n_steps=0)
+        trainer = fit(module, tmp_path / str(chunk), steps=1)
+        results.append((trainer.logged_metrics, module.policy.state_dict()))
+    (m1, w1), (m2, w2) = results
+    for name in ("loss", "kl", "causal_kl", "advantages/mean"):
+        torch.testing.assert_close(m2[name], m1[name], rtol=1e-5, atol=1e-6)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)

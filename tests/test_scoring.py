@@ -74,3 +74,43 @@ def test_greedy_is_deterministic(tiny_model_dir):
     sampler = GroupSampler(max_completion_length=6)
     a = sampler.sample(PolicyModels(model, tok), ["Problem: 1+2\nSolution:"], 2, greedy=True, score=False)
     assert a.completions[0] == a.completions[1] and a.old_logps is None
+
+
+def random_batch(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids, completion_ids = torch.randint(3, 30, (5, 6), generator=g), torch.randint(3, 30, (5, 7), generator=g)
+    prompt_mask, completion_mask = torch.ones_like(prompt_ids), torch.ones_like(completion_ids)
+    prompt_mask[0, :2] = 0  # left padding
+    completion_mask[1, 4:] = 0  # an early EOS
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def test_chunked_head_equals_full_logits_with_gradients(tiny_model_dir, monkeypatch):
+    import gcpo_lightning.scoring as scoring
+
+    model = load_causal_lm(str(tiny_model_dir))
+    batch = random_batch()
+    full = score_completions(model, *batch, temperature=0.7, with_hidden=True)
+    full.logps.sum().backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    for fallback in (False, True):  # the final-norm hook, and output_hidden_states when no norm is found
+        if fallback:
+            monkeypatch.setattr(scoring, "final_norm", lambda model: None)
+        model.zero_grad()
+        chunked = score_completions(model, *batch, temperature=0.7, with_hidden=True, logits_chunk_size=2)
+        chunked.logps.sum().backward()
+        torch.testing.assert_close(chunked.logps, full.logps, rtol=0, atol=0)
+        torch.testing.assert_close(chunked.entropy, full.entropy, rtol=0, atol=0)
+        torch.testing.assert_close(chunked.hidden, full.hidden, rtol=0, atol=0)
+        for a, b in zip(full_grads, (p.grad for p in model.parameters())):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_final_norm_hook_captures_what_the_lm_head_reads(tiny_model_dir):
+    from gcpo_lightning.scoring import final_states, lm_head
+
+    model = load_causal_lm(str(tiny_model_dir))
+    ids = torch.randint(3, 30, (2, 8))
+    with torch.no_grad(), final_states(model) as captured:
+        logits = model(input_ids=ids).logits  # [2, 8, V]
+    torch.testing.assert_close(lm_head(model)(captured["states"]), logits)
