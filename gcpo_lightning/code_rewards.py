@@ -122,6 +122,7 @@ class CodeExecution:
         self.log_failures = log_failures
         self.last_reasons: list[str] = []
         self.last_results: list[SandboxResult] = []
+        self.__name__ = "code_execution"  # the name in logged metrics (rewards/code_execution/...)
 
     def programs(self, completions: list[str], columns: dict[str, Any]) -> list[str]:
         """The program to run for each completion (see :func:`build_program`)."""
@@ -155,6 +156,14 @@ class CodeExecution:
         self.last_reasons = [r.reason for r in results]
         self._log(results)
         return [1.0 if r.passed else 0.0 for r in results]
+
+    def metrics(self) -> dict[str, float]:
+        """Share of the last call's completions per outcome (``passed``, ``timeout``, ``error``, ...), for logging.
+
+        ``GCPOModule`` logs these as ``rewards/code_execution/<outcome>`` at every step.
+        """
+        n = max(len(self.last_reasons), 1)
+        return {reason: count / n for reason, count in Counter(self.last_reasons).items()}
 
     def _log(self, results: list[SandboxResult]) -> None:
         counts = Counter(r.reason for r in results)

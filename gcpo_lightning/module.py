@@ -49,7 +49,7 @@ from gcpo_lightning.resume import all_rng_states, restore_rank_rng
 from gcpo_lightning.rewards import arithmetic_accuracy, compute_rewards, reward_name
 from gcpo_lightning.sampling import GroupSampler
 from gcpo_lightning.scoring import score_completions
-from gcpo_lightning.step_metrics import rollout_metrics
+from gcpo_lightning.step_metrics import reward_fn_metrics, rollout_metrics
 
 LossType = Literal["grpo", "dapo", "dr_grpo"]
 
@@ -444,7 +444,9 @@ class GCPOModule(L.LightningModule):
         self.train_accuracy(per_func[:, self.accuracy_reward])
         self.log("reward", self.train_reward, prog_bar=True, on_step=True, on_epoch=False)
         self.log("accuracy", self.train_accuracy, prog_bar=True, on_step=True, on_epoch=False)
-        metrics.update(rollout_metrics(rollout, rewards, per_func, [reward_name(fn) for fn in self.reward_funcs]))
+        names = [reward_name(fn) for fn in self.reward_funcs]
+        metrics.update(rollout_metrics(rollout, rewards, per_func, names))
+        metrics.update(reward_fn_metrics(self.reward_funcs, names))
         metrics["skipped_steps"] = float(self.skipped_steps)
         self.log_dict(metrics, on_step=True, on_epoch=False)
         every = self.log_completions_every_n_steps

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from gcpo_lightning.advantages import frac_zero_std
@@ -35,3 +37,14 @@ def rollout_metrics(rollout: Rollout, rewards: Tensor, per_func: Tensor, reward_
         metrics[f"rewards/{name}/mean"] = per_func[:, k].mean().item()
         metrics[f"rewards/{name}/std"] = per_func[:, k].std().item()
     return metrics
+
+
+def reward_fn_metrics(funcs: list[Any], reward_names: list[str]) -> dict[str, float]:
+    """What reward functions report about their last call through an optional ``metrics() -> dict`` method
+    (e.g. ``CodeExecution``: the share of each sandbox outcome), as ``rewards/<name>/<key>``. This rank's only."""
+    out = {}
+    for fn, name in zip(funcs, unique_names(reward_names)):
+        report = getattr(fn, "metrics", None)
+        if callable(report):
+            out.update({f"rewards/{name}/{key}": float(value) for key, value in report().items()})
+    return out

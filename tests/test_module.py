@@ -34,11 +34,12 @@ def make_module(model_dir: Path, **kwargs) -> GCPOModule:
     return GCPOModule(**defaults)
 
 
-def fit(module: GCPOModule, tmp_path: Path, steps: int = 2, batch_size: int = 2) -> L.Trainer:
+def fit(module: GCPOModule, tmp_path: Path, steps: int = 2, batch_size: int = 2, dm: L.LightningDataModule | None = None
+        ) -> L.Trainer:
     trainer = L.Trainer(max_steps=steps, logger=CSVLogger(tmp_path), num_sanity_val_steps=-1, val_check_interval=steps,
                         check_val_every_n_epoch=None, log_every_n_steps=1, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    dm = ArithmeticDataModule(batch_size=batch_size, num_train=64, num_val=4, val_batch_size=4)
+    dm = dm or ArithmeticDataModule(batch_size=batch_size, num_train=64, num_val=4, val_batch_size=4)
     trainer.fit(module, dm)
     return trainer
 

@@ -8,7 +8,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from test_module import make_module
+from test_module import fit, make_module
 
 from gcpo_lightning import ArithmeticDataModule
 from gcpo_lightning.cli import main
@@ -81,3 +81,21 @@ def test_test_subcommand_from_the_command_line(tmp_path):
           "--model.eval_results_path", str(tmp_path / "{stage}.jsonl")])
     lines = (tmp_path / "test.jsonl").read_text().splitlines()
     assert len(lines) == 4 and {"pass_at", "completions", "correct"} <= json.loads(lines[0]).keys()
+
+
+def test_code_reward_trains_and_reports_sandbox_outcomes(tiny_model_dir, tmp_path):
+    from importlib.resources import files
+
+    from gcpo_lightning import HFPromptDataModule
+    from gcpo_lightning.code_rewards import CodeExecution
+
+    sample = str(files("gcpo_lightning") / "assets" / "samples" / "humaneval_sample.jsonl")
+    module = make_module(tiny_model_dir, reward_funcs=[CodeExecution(timeout_s=5.0, max_workers=2)],
+                         log_completions_every_n_steps=0)
+    dm = HFPromptDataModule(path=sample, preset="humaneval", val_size=2, batch_size=2, val_batch_size=2)
+    trainer = fit(module, tmp_path, steps=1, dm=dm)
+    outcomes = {k: v for k, v in trainer.logged_metrics.items() if k.startswith("rewards/code_execution/")
+                and k.rsplit("/", 1)[-1] not in ("mean", "std")}
+    assert outcomes and sum(float(v) for v in outcomes.values()) == pytest.approx(1.0)
+    assert float(trainer.logged_metrics["rewards/code_execution/mean"]) == float(outcomes.get(
+        "rewards/code_execution/passed", 0.0))  # random code never passes; every outcome is a 0 with a reason
