@@ -1,6 +1,7 @@
 """Exercise the CUDA paths and print what was checked, with measured numbers.
 
     python benchmarks/gpu_check.py [--vocab 32000] [--tokens 1024]
+    python benchmarks/gpu_check.py --cpu      # dry run of checks 1-3 on the CPU (to catch script errors first)
 
 Checks, each printed as PASS/FAIL with its numbers:
 1. bf16-mixed GCPO steps on the shipped tiny model (``tiny-arith``), step time;
@@ -39,6 +40,7 @@ from gcpo_lightning.quantization import QuantizationConfig, count_4bit_linears, 
 from gcpo_lightning.scoring import score_completions  # noqa: E402
 
 RESULTS: list[tuple[str, bool, str]] = []
+ACCELERATOR = "gpu"
 
 
 def check(name: str) -> Callable:
@@ -62,7 +64,7 @@ def gcpo_module(**kwargs) -> GCPOModule:
 
 
 def fit(module: GCPOModule, steps: int = 3, **trainer_kwargs) -> tuple[L.Trainer, float]:
-    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator=ACCELERATOR, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
     start = time.perf_counter()
     trainer.fit(module, ArithmeticDataModule(batch_size=8, num_train=256, num_val=8))
@@ -73,10 +75,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--tokens", type=int, default=1024, help="completion tokens per row in check 4")
+    parser.add_argument("--cpu", action="store_true", help="dry run of checks 1-3 on the CPU")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device: nothing to check (the CPU paths are covered by the test suite)")
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    global ACCELERATOR
+    ACCELERATOR = "cpu" if args.cpu else "gpu"
+    device = "cpu" if args.cpu else "cuda"
+    if not args.cpu and not torch.cuda.is_available():
+        sys.exit("no CUDA device: nothing to check (the CPU paths are covered by the test suite; --cpu dry-runs this)")
+    print(f"device: {torch.cuda.get_device_name() if not args.cpu else 'cpu (dry run)'}, torch {torch.__version__}")
     tmp = Path(tempfile.mkdtemp())
 
     @check("bf16-mixed GCPO steps")
@@ -92,9 +98,10 @@ def main() -> None:
         from gcpo_lightning.models import load_causal_lm
         from gcpo_lightning.quantization import load_quantized
 
-        full = load_causal_lm(str(path), {"dtype": "bfloat16"}).cuda().eval()
-        q4 = load_quantized(str(path), {"dtype": "bfloat16"}, QuantizationConfig(compute_dtype="bfloat16")).eval()
-        ids = torch.randint(3, 30, (8, 64), device="cuda")
+        full = load_causal_lm(str(path), {"dtype": "bfloat16"}).to(device).eval()
+        q4 = load_quantized(str(path), {"dtype": "bfloat16"}, QuantizationConfig(compute_dtype="bfloat16"),
+                            device=device).eval()
+        ids = torch.randint(3, 30, (8, 64), device=device)
         mask = torch.ones_like(ids)
         with torch.no_grad():
             a = score_completions(full, ids[:, :16], mask[:, :16], ids[:, 16:], mask[:, 16:]).logps
@@ -115,6 +122,8 @@ def main() -> None:
 
     @check("chunked log-probs memory")
     def _() -> str:
+        if args.cpu:
+            return "skipped on CPU (benchmarks/logprob_memory.py measures it there)"
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(vocab_size=args.vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
