@@ -141,3 +141,17 @@ def check_strategy(strategy: Any) -> None:
         raise ValueError(f"GCPOModule: {type(strategy).__name__} is not supported; use "
                          f"lightning.pytorch.strategies.ModelParallelStrategy (FSDP2) with "
                          f"data_parallel_size=<number of processes> and tensor_parallel_size=1 (configs/fsdp.yaml)")
+
+
+def rank_share(local: Tensor) -> float:
+    """``W * local / sum_ranks(local)``: turns a per-rank mean into this rank's part of the global mean.
+
+    Data-parallel training averages gradients over the ``W`` ranks. A loss that is a mean over a rank's own tokens
+    (DAPO's token mean) then weighs every rank equally, whatever its token count; scaling it by this factor makes
+    the averaged gradient the mean over every token of the step.  1.0 on one process.
+    """
+    if world_size() == 1:
+        return 1.0
+    total = local.detach().float().clone()
+    dist.all_reduce(total)
+    return (local.detach().float() * world_size() / total.clamp(min=1)).item()

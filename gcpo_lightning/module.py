@@ -27,10 +27,18 @@ from torch.nn.utils import clip_grad_norm_
 from torchmetrics import MeanMetric
 
 from gcpo_lightning.advantages import GroupNormalizedAdvantage
+from gcpo_lightning.batching import micro_batches, mini_batches
 from gcpo_lightning.checks import check_data, settings_errors
 from gcpo_lightning.completions_table import completions_table, write_completions
 from gcpo_lightning.containers import Advantages, Penalty, PolicyModels, Rollout, Scores
-from gcpo_lightning.distributed import check_strategy, full_parameters, full_tensor, gather_across_ranks, shard_policy
+from gcpo_lightning.distributed import (
+    check_strategy,
+    full_parameters,
+    full_tensor,
+    gather_across_ranks,
+    rank_share,
+    shard_policy,
+)
 from gcpo_lightning.evaluation import (
     SampledEvaluation,
     answer_keys,
@@ -348,18 +356,12 @@ class GCPOModule(L.LightningModule):
         reads = any(getattr(c, "needs_representations", True) for c in (self.graph_builder, self.adjuster, self.kl))
         return not one_step or reads
 
-    def mini_batches(self, n: int) -> list[Tensor]:
-        """Completion indices of each optimiser step of one pass: whole groups, in a random group order."""
-        size = self.mini_batch_size or n
-        groups = torch.randperm(n // self.num_generations) if size < n else torch.arange(n // self.num_generations)
-        order = (groups.unsqueeze(1) * self.num_generations + torch.arange(self.num_generations)).view(-1)  # [N]
-        return list(order.to(self.device).split(size))
-
     def update(self, rollout: Rollout, advantages: Advantages, prepared: dict[str, Any], models: PolicyModels) -> dict:
         """``num_iterations`` passes of clipped-surrogate steps against the rollout's old log-probs."""
         stats: dict[str, list[float]] = {}
         for _ in range(self.num_iterations):
-            for index in self.mini_batches(len(rollout.completions)):
+            for index in mini_batches(len(rollout.completions), self.num_generations, self.mini_batch_size,
+                                      self.device):
                 step = self.optimisation_step(rollout.select(index), advantages.values[index],
                                               {k: v[index] for k, v in prepared.items()}, models)
                 for k, v in step.items():
@@ -371,13 +373,15 @@ class GCPOModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         stats: dict[str, float] = {}
-        for index, weight in self.micro_batches(mb):
+        # dapo's token mean across ranks: weigh this rank by its share of the step's tokens
+        share = rank_share(mb.completion_mask.sum()) if self.loss_type == "dapo" else 1.0
+        for index, weight in micro_batches(mb.completion_mask, self.micro_batch_size, self.loss_type == "dapo"):
             micro = mb.select(index)
             micro_prepared = {k: v[index] for k, v in prepared.items()}
             loss, ratio, scores, penalty = self.compute_loss(micro, adv[index], micro_prepared, models)
             if not torch.isfinite(loss):
                 return self.skip_step(opt, "loss")
-            self.manual_backward(loss * weight)
+            self.manual_backward(loss * weight * share)
             mask = micro.completion_mask.float()
             clips = clip_fractions(ratio.detach(), adv[index], mask, self.epsilon, self.epsilon_high)
             micro_stats = {"loss": loss.item(), "entropy": masked_mean(scores.entropy, mask), **penalty.metrics}
@@ -393,18 +397,6 @@ class GCPOModule(L.LightningModule):
         if scheduler is not None:
             scheduler.step()
         return {**stats, "grad_norm": grad_norm.item()}
-
-    def micro_batches(self, mb: Rollout) -> list[tuple[Tensor, float]]:
-        """Chunks of ``micro_batch_size`` completions and the weight that makes their summed losses the full loss.
-
-        The weight is the chunk's share of completions (``grpo``, ``dr_grpo``) or of completion tokens (``dapo``).
-        """
-        n = mb.completion_ids.shape[0]
-        chunks = list(torch.arange(n, device=mb.completion_ids.device).split(self.micro_batch_size or n))
-        if self.loss_type == "dapo":
-            tokens = mb.completion_mask.sum(1).float()  # [n]
-            return [(c, (tokens[c].sum() / tokens.sum().clamp(min=1)).item()) for c in chunks]
-        return [(c, len(c) / n) for c in chunks]
 
     def compute_loss(
         self, mb: Rollout, adv: Tensor, prepared: dict[str, Any], models: PolicyModels

@@ -126,3 +126,31 @@ def test_unsupported_strategies_are_refused_before_loading(strategy, message):
     with pytest.raises(ValueError, match=message):
         check_strategy(made)
     check_strategy(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))  # FSDP only: accepted
+
+
+def _dapo_rank(rank: int, tokens: list[torch.Tensor], out: str) -> None:
+    """One gloo rank: DAPO token-mean loss on its own tokens, scaled by rank_share, gradients averaged (as FSDP)."""
+    import torch.distributed as dist
+
+    from gcpo_lightning.distributed import rank_share
+    from gcpo_lightning.losses import token_mean
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    w = torch.ones((), requires_grad=True)
+    x = tokens[rank]  # [n, T] per-token values; the mask marks real tokens
+    mask = (x != 0).float()
+    (token_mean(w * x, mask, 0) * rank_share(mask.sum())).backward()
+    grad = w.grad.clone()
+    dist.all_reduce(grad)
+    torch.save(grad / 2, f"{out}/grad{rank}.pt")  # data parallel: the mean of the ranks' gradients
+    dist.destroy_process_group()
+
+
+def test_dapo_token_mean_is_global_across_ranks(tmp_path):
+    # rank 0 holds 2 tokens (1, 2), rank 1 holds 4 tokens (3, 4, 5, 6): the step's token mean of d(w*x)/dw is
+    # (1+2+3+4+5+6) / 6 = 3.5. Without the share, averaging the ranks' own means gives (1.5 + 4.5) / 2 = 3.0.
+    tokens = [torch.tensor([[1.0, 2.0, 0.0, 0.0]]), torch.tensor([[3.0, 4.0, 5.0, 6.0]])]
+    torch.multiprocessing.spawn(_dapo_rank, args=(tokens, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"grad{rank}.pt").item() == pytest.approx(3.5)

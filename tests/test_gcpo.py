@@ -17,6 +17,7 @@ from gcpo_lightning import (
     IndependentResponses,
     ReferenceKL,
 )
+from gcpo_lightning.batching import micro_batches
 from gcpo_lightning.causal_advantage import causal_target, causal_weights
 from gcpo_lightning.causal_kl import projected_reference_probs
 from gcpo_lightning.containers import CausalGraph
@@ -221,12 +222,12 @@ def test_micro_batches_accumulate_to_the_full_gradient(tiny_model_dir, loss_type
         module.configure_model()
         module.policy.load_state_dict(full.policy.state_dict())
         module.policy.zero_grad()
-        for index, weight in module.micro_batches(rollout):
+        for index, weight in micro_batches(rollout.completion_mask, module.micro_batch_size, loss_type == "dapo"):
             loss, *_ = module.compute_loss(rollout.select(index), adv[index], {k: v[index] for k, v in prepared.items()},
                                            module.models())
             (loss * weight).backward()
         grads.append({n: p.grad.clone() for n, p in module.policy.named_parameters()})
-    assert len(micro.micro_batches(rollout)) == 3
+    assert len(micro_batches(rollout.completion_mask, micro.micro_batch_size, False)) == 3
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
 
