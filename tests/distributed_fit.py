@@ -95,6 +95,7 @@ def main() -> None:
         adjuster=adjuster,
         kl=CausalProjectedKL(beta=0.04, kappa=0.06, max_ratio=10.0),
         num_generations=4,
+        eval_num_samples=2,
         micro_batch_size=4,
         log_completions_every_n_steps=0,
         logits_chunk_size=args.logits_chunk_size,
@@ -112,9 +113,10 @@ def main() -> None:
     strategy = (ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
                 if args.devices > 1 else "auto")
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.max_steps,
-                        limit_val_batches=0, num_sanity_val_steps=0, logger=False, callbacks=callbacks,
+                        val_check_interval=args.max_steps, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                        logger=False, callbacks=callbacks,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(args.save_at))
-    dm = ArithmeticDataModule(batch_size=2, num_train=64, num_val=4, val_batch_size=4)
+    dm = ArithmeticDataModule(batch_size=2, num_train=64, num_val=4, val_batch_size=2)
     trainer.fit(module, dm, ckpt_path=args.resume)
 
     sharded = any(type(p).__name__ == "DTensor" for p in module.policy.parameters())
@@ -122,7 +124,9 @@ def main() -> None:
     rank = trainer.global_rank
     reference_4bit = args.reference_4bit and count_4bit_linears(module.reference) > 0
     trainable = sorted(n for n, p in module.policy.named_parameters() if p.requires_grad)
-    summary = {"rows": recorder.rows, "sharded": sharded, "reference_4bit": reference_4bit, "trainable": trainable}
+    evaluation = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    summary = {"rows": recorder.rows, "sharded": sharded, "reference_4bit": reference_4bit, "trainable": trainable,
+               "val": evaluation}
     (out / f"metrics_rank{rank}.json").write_text(json.dumps(summary))
     if trainer.is_global_zero:
         torch.save(state, out / "weights.pt")

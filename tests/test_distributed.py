@@ -56,6 +56,12 @@ def test_policy_is_sharded_and_checkpoint_is_distributed(runs):
     assert len(meta["gcpo_rng_states"]) == 2 and "combined_loader" in meta["loops"]["fit_loop"]["state_dict"]
 
 
+def test_evaluation_under_fsdp_is_synced_across_ranks(runs):
+    val = metrics(runs["full"])["val"]
+    assert {"val/accuracy", "val/pass@1", "val/pass@2", "val/mean@2", "val/reward"} <= val.keys()
+    assert metrics(runs["full"], 1)["val"] == val  # every rank computes the same, global numbers
+
+
 def test_rewards_are_gathered_and_groups_stay_on_their_rank(runs):
     ranks = [torch.load(runs["full"] / f"rank{r}_step1.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["prompts"] != ranks[1]["prompts"]  # each rank trains on its own prompts
@@ -74,6 +80,7 @@ def test_resume_from_sharded_checkpoint_is_exact(runs):
     full, resumed = metrics(runs["full"])["rows"], metrics(runs["resumed"])["rows"]
     assert [r["step"] for r in resumed] == [3, 4]
     assert resumed == full[2:]  # every logged metric of steps 3 and 4, bit for bit
+    assert metrics(runs["resumed"])["val"] == metrics(runs["full"])["val"]  # and the final evaluation
     a = torch.load(runs["full"] / "weights.pt")
     b = torch.load(runs["resumed"] / "weights.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
