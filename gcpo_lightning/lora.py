@@ -71,6 +71,9 @@ class LoRAConfig:
                           bias=self.bias, init_lora_weights=self.init_weights, task_type="CAUSAL_LM")
 
 
+torch.serialization.add_safe_globals([LoRAConfig])  # saved in checkpoints' hyper-parameters; loads with weights_only
+
+
 def as_lora_config(cfg: LoRAConfig | Mapping[str, Any] | None) -> LoRAConfig:
     """A :class:`LoRAConfig` from itself, a YAML mapping or ``None`` (the defaults).
 

@@ -76,6 +76,9 @@ class QuantizationConfig:
         )
 
 
+torch.serialization.add_safe_globals([QuantizationConfig])  # saved in checkpoints' hyper-parameters; loads with weights_only
+
+
 def as_quantization_config(quant: QuantizationConfig | Mapping[str, Any] | None) -> QuantizationConfig:
     """A :class:`QuantizationConfig` from itself, a YAML mapping, or ``None`` (the defaults: NF4).
 

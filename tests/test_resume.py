@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 from test_distributed import SCRIPT, metrics, run_fit
 
@@ -57,14 +58,16 @@ def test_rng_state_round_trip():
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
-def test_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
-    full = run_fit(tiny_model_dir, tmp_path / "full", "--devices", "1", "--max-steps", "4")
-    first = run_fit(tiny_model_dir, tmp_path / "first", "--devices", "1", "--max-steps", "2", "--save-at", "2")
+@pytest.mark.parametrize("options", [[], ["--lora"], ["--reference-4bit"]], ids=["full", "lora", "4bit-reference"])
+def test_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path, options):
+    full = run_fit(tiny_model_dir, tmp_path / "full", "--devices", "1", "--max-steps", "4", *options)
+    first = run_fit(tiny_model_dir, tmp_path / "first", "--devices", "1", "--max-steps", "2", "--save-at", "2",
+                    *options)
     ckpt = torch.load(first / "ckpt" / "step=2.ckpt", weights_only=True)
     assert not any(k.startswith("_reference") or ".reference" in k for k in ckpt["state_dict"])
     assert {"optimizer_states", "loops", "gcpo_rng_states"} <= ckpt.keys()
     resumed = run_fit(tiny_model_dir, tmp_path / "resumed", "--devices", "1", "--max-steps", "4",
-                      "--resume", str(first / "ckpt" / "step=2.ckpt"))
+                      "--resume", str(first / "ckpt" / "step=2.ckpt"), *options)
     assert metrics(resumed)["rows"] == metrics(full)["rows"][2:]
     a, b = torch.load(full / "weights.pt"), torch.load(resumed / "weights.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
