@@ -202,6 +202,7 @@ class GCPOModule(L.LightningModule):
         self.baseline_accuracy: float | None = None
         self._rng_to_restore: list[dict[str, Any]] | None = None
         self._problems_written = 0  # index of the next per-problem evaluation record
+        self.strict_loading = quantization is None  # QLoRA checkpoints hold the adapters only (on_save_checkpoint)
         self.save_hyperparameters(ignore=["sampler", "graph_builder", "adjuster", "kl", "reward_funcs", "optimizer",
                                           "lr_scheduler"])
 
@@ -280,12 +281,28 @@ class GCPOModule(L.LightningModule):
             check(self.models(), question, self.num_generations, self.sampler.max_completion_length)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Add every rank's random states and the skip counters (the frozen reference is never saved)."""
+        """Add every rank's random states and the skip counters (the frozen reference is never saved).
+
+        With a 4-bit base (QLoRA) only the trainable adapters are saved: the frozen base is rebuilt from
+        ``model_name_or_path`` on load, like the reference (bitsandbytes' packed weights cannot be loaded back into
+        an already quantized model).
+        """
+        if self.quantization is not None:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith("policy.") or k in self.trainable_keys()}
         checkpoint["gcpo_rng_states"] = all_rng_states()
         checkpoint["gcpo_counters"] = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
 
+    def trainable_keys(self) -> set[str]:
+        """State-dict keys of the policy's trainable parameters."""
+        return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the random states for ``on_train_start`` (restoring earlier would be consumed by set-up)."""
+        if self.quantization is not None and self.policy is not None:
+            missing = sorted(self.trainable_keys() - checkpoint["state_dict"].keys())
+            if missing:
+                raise KeyError(f"GCPOModule: the checkpoint lacks {len(missing)} adapter weights, e.g. {missing[:3]}")
         self._rng_to_restore = checkpoint.get("gcpo_rng_states")
         counters = checkpoint.get("gcpo_counters", {})
         self.skipped_steps = counters.get("skipped_steps", 0)

@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--logits-chunk-size", type=int, default=None)
     parser.add_argument("--lora", action="store_true", help="LoRA adapters (reference: adapters off)")
     parser.add_argument("--reference-4bit", action="store_true", help="4-bit NF4 reference")
+    parser.add_argument("--qlora", action="store_true", help="with --lora: the policy's base in 4-bit")
     parser.add_argument("--fsdp-param-dtype", default=None, help="e.g. bfloat16: FSDP2 mixed precision")
     args = parser.parse_args()
     out = Path(args.out)
@@ -101,6 +102,7 @@ def main() -> None:
         logits_chunk_size=args.logits_chunk_size,
         lora=LoRAConfig(r=4) if args.lora else None,
         reference_quantization=QuantizationConfig() if args.reference_4bit else None,
+        quantization=QuantizationConfig() if args.qlora else None,
         fsdp_param_dtype=args.fsdp_param_dtype,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0),
     )

@@ -58,13 +58,16 @@ def test_rng_state_round_trip():
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
-@pytest.mark.parametrize("options", [[], ["--lora"], ["--reference-4bit"]], ids=["full", "lora", "4bit-reference"])
+@pytest.mark.parametrize("options", [[], ["--lora"], ["--lora", "--qlora"], ["--reference-4bit"]],
+                         ids=["full", "lora", "qlora", "4bit-reference"])
 def test_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path, options):
     full = run_fit(tiny_model_dir, tmp_path / "full", "--devices", "1", "--max-steps", "4", *options)
     first = run_fit(tiny_model_dir, tmp_path / "first", "--devices", "1", "--max-steps", "2", "--save-at", "2",
                     *options)
     ckpt = torch.load(first / "ckpt" / "step=2.ckpt", weights_only=True)
     assert not any(k.startswith("_reference") or ".reference" in k for k in ckpt["state_dict"])
+    if "--qlora" in options:  # only the adapters: the 4-bit base is rebuilt from the model path
+        assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"] if k.startswith("policy."))
     assert {"optimizer_states", "loops", "gcpo_rng_states"} <= ckpt.keys()
     resumed = run_fit(tiny_model_dir, tmp_path / "resumed", "--devices", "1", "--max-steps", "4",
                       "--resume", str(first / "ckpt" / "step=2.ckpt"), *options)
