@@ -13,6 +13,7 @@ One training step (docs/algorithm.md numbers these):
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -60,6 +61,10 @@ from gcpo_lightning.scoring import score_completions
 from gcpo_lightning.step_metrics import reward_fn_metrics, rollout_metrics
 
 LossType = Literal["grpo", "dapo", "dr_grpo"]
+
+# Lightning warns that with manual optimisation a step-interval checkpoint holds the weights *after* the step:
+# that is what we want (weights, optimiser state and step counter agree; exact resume is tested).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
