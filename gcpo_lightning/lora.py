@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gcpo_lightning.dataclass_args import as_dataclass
 from gcpo_lightning.quantization import dequantized_weight, is_quantized, set_cpu_packing
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -80,15 +81,7 @@ def as_lora_config(cfg: LoRAConfig | Mapping[str, Any] | None) -> LoRAConfig:
     Args:
         cfg: the settings; mapping keys are :class:`LoRAConfig`'s fields.
     """
-    if isinstance(cfg, LoRAConfig):
-        return cfg
-    if cfg is None:
-        return LoRAConfig()
-    known = set(LoRAConfig.__dataclass_fields__)
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"LoRAConfig: unknown keys {unknown}; known keys are {sorted(known)}")
-    return LoRAConfig(**cfg)
+    return as_dataclass(LoRAConfig, cfg)
 
 
 def require_peft() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gcpo_lightning.dataclass_args import as_dataclass
 from gcpo_lightning.models import load_causal_lm
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -76,7 +77,8 @@ class QuantizationConfig:
         )
 
 
-torch.serialization.add_safe_globals([QuantizationConfig])  # saved in checkpoints' hyper-parameters; loads with weights_only
+# saved in checkpoints' hyper-parameters: allow-listed so that they load with weights_only
+torch.serialization.add_safe_globals([QuantizationConfig])
 
 
 def as_quantization_config(quant: QuantizationConfig | Mapping[str, Any] | None) -> QuantizationConfig:
@@ -85,15 +87,7 @@ def as_quantization_config(quant: QuantizationConfig | Mapping[str, Any] | None)
     Args:
         quant: the settings; mapping keys are :class:`QuantizationConfig`'s fields.
     """
-    if isinstance(quant, QuantizationConfig):
-        return quant
-    if quant is None:
-        return QuantizationConfig()
-    known = set(QuantizationConfig.__dataclass_fields__)
-    unknown = sorted(set(quant) - known)
-    if unknown:
-        raise ValueError(f"QuantizationConfig: unknown keys {unknown}; known keys are {sorted(known)}")
-    return QuantizationConfig(**quant)
+    return as_dataclass(QuantizationConfig, quant)
 
 
 def require_bitsandbytes() -> None:
