@@ -252,3 +252,34 @@ def test_advantages_match_trl(model_dir: Path, tmp_path: Path, scale_rewards: st
     out = trainer._generate_and_score_completions(rows)
     expected = group_normalize(torch.tensor(fixed), G, scale_rewards, eps=1e-4)
     torch.testing.assert_close(out["advantages"].float(), expected, atol=1e-6, rtol=1e-6)
+
+
+# ----- math accuracy: our MathAccuracy against TRL's accuracy_reward (both on math-verify) --------------------------
+
+MATH_PARITY_CASES = [  # (completion, gold answer): one boxed answer each, right and wrong ones
+    (r"The answer is \boxed{\frac{1}{2}}", "0.5"), (r"so \boxed{0.5}", r"\frac{1}{2}"),
+    (r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}"), (r"\boxed{\sqrt{2}}", r"\sqrt{2}"), (r"\boxed{2^{1/2}}", r"\sqrt{2}"),
+    (r"\boxed{-7}", "-7"), (r"\boxed{7}", "-7"), (r"\boxed{2\pi}", r"2\pi"), (r"\boxed{6.28}", r"2\pi"),
+    (r"\boxed{1,000}", "1000"), (r"\boxed{0.33}", r"\frac{1}{3}"), (r"\boxed{12}", "1.2"),
+    (r"\boxed{x^2+2x+1}", r"(x+1)^2"), (r"\boxed{(1,2)}", r"(1,2)"), (r"\boxed{5\text{ cm}}", "5"),
+    (r"\boxed{\frac{10}{4}}", r"\frac{5}{2}"), (r"no box here, 42", "42"), (r"\boxed{3}", r"\frac{6}{2}"),
+    (r"\boxed{\{1,2\}}", r"\{2,1\}"), (r"\boxed{4}", "4.0"),
+]
+
+
+def test_math_accuracy_matches_trl_accuracy_reward():
+    """Same verdicts as TRL's ``accuracy_reward`` when both read the gold the same way.
+
+    TRL parses the gold as a solution text, so LaTeX must be delimited (``$\\sqrt{2}$``); otherwise it returns
+    ``None`` (skip). Our ``gold_style="plain"`` reads the bare answer column. Both grade the boxed answer; with no
+    box, ours is told not to fall back to the last number (TRL has no such fallback).
+    """
+    from trl.rewards import accuracy_reward
+
+    from gcpo_lightning.math_rewards import MathAccuracy
+
+    completions, golds = [c for c, _ in MATH_PARITY_CASES], [g for _, g in MATH_PARITY_CASES]
+    theirs = accuracy_reward([[{"content": c}] for c in completions], [f"${g}$" for g in golds])
+    ours = MathAccuracy(fallback_to_last_number=False)(prompts=[""] * len(golds), completions=completions, answer=golds)
+    assert ours == theirs
+    assert 0 < sum(ours) < len(ours)  # both verdicts occur
