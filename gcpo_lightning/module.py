@@ -496,7 +496,8 @@ class GCPOModule(L.LightningModule):
         """Append this batch's per-problem records to the results JSONL (a new file at each evaluation)."""
         stage = "test" if self.trainer.testing else "val"
         path = results_path(self.eval_results_path, stage, self.global_step, self.global_rank, self.trainer.world_size)
-        self._problems_written = self._problems_written * (batch_idx > 0)  # a new evaluation starts at 0
+        if batch_idx == 0:  # a new evaluation: a new file, indices from 0
+            self._problems_written = 0
         records = problem_records(batch, completions, rewards, correct, keys, ks=self.eval_metric.ks,
                                   majority_k=self.eval_num_samples, start_index=self._problems_written)
         self._problems_written += len(batch)

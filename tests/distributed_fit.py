@@ -44,11 +44,12 @@ class RecordingAdvantage(CausalAdvantage):
     """GCPO's causal advantage that also saves its inputs and outputs for the test."""
 
     out: Path = Path(".")
+    module: L.LightningModule | None = None  # set after the module is built: the step counter is read from it
 
     def adjust(self, rewards, rollout, graph, batch_rewards=None):
         result = super().adjust(rewards, rollout, graph, batch_rewards)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        step = self.trainer.global_step
+        step = self.module.global_step
         torch.save({"rewards": rewards, "batch_rewards": batch_rewards, "z": graph.representations,
                     "context_z": graph.context_representations, "advantages": result.values,
                     "prompts": rollout.prompts},
@@ -106,7 +107,7 @@ def main() -> None:
         fsdp_param_dtype=args.fsdp_param_dtype,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0),
     )
-    adjuster.trainer = module  # the recorder reads the step from the module
+    adjuster.module = module
     recorder = MetricsRecorder()
     callbacks = [recorder, HFExport(dirpath=str(out / "hf")), CheckpointOnSigterm(dirpath=str(out / "ckpt"))]
     if args.save_at:
