@@ -3,7 +3,7 @@
     python benchmarks/fsdp_generation.py [--ranks 2] [--tokens 64] [--backend gloo]
 
 Spawns ``--ranks`` processes (gloo on CPU, nccl with ``--backend nccl`` on GPUs), shards a random 4-layer Llama
-with :func:`gcpo_lightning.distributed.shard_policy` and generates ``--tokens`` tokens for 8 prompts per rank, once
+with :func:`gcpo_lightning.policy.sharding.shard_policy` and generates ``--tokens`` tokens for 8 prompts per rank, once
 with the sharded model as it is (every forward all-gathers every layer) and once inside ``full_parameters``
 (one all-gather for the whole generation). ``min_new_tokens`` forces equal lengths on every rank, which the
 per-token variant needs to avoid a hang; the module itself always uses ``full_parameters``.
@@ -24,8 +24,8 @@ def worker(rank: int, args: argparse.Namespace) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gcpo_lightning.decoding import decode
-    from gcpo_lightning.distributed import full_parameters, shard_policy
+    from gcpo_lightning.components.sampling.decoding import decode
+    from gcpo_lightning.policy.sharding import full_parameters, shard_policy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
     device = "cuda" if args.backend == "nccl" else "cpu"

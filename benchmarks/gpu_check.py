@@ -36,8 +36,8 @@ from gcpo_lightning import (  # noqa: E402
     GCPOModule,
     GroupSampler,
 )
-from gcpo_lightning.quantization import QuantizationConfig, count_4bit_linears, model_memory_bytes  # noqa: E402
-from gcpo_lightning.scoring import score_completions  # noqa: E402
+from gcpo_lightning.components.scoring.logprobs import score_completions  # noqa: E402
+from gcpo_lightning.policy.quantization import QuantizationConfig, count_4bit_linears, model_memory_bytes  # noqa: E402
 
 RESULTS: list[tuple[str, bool, str]] = []
 ACCELERATOR = "gpu"
@@ -95,8 +95,8 @@ def main() -> None:
     @check("4-bit NF4 reference on CUDA")
     def _() -> str:
         path = save_tiny_llama(tmp / "mid", hidden=512, layers=4)
-        from gcpo_lightning.models import load_causal_lm
-        from gcpo_lightning.quantization import load_quantized
+        from gcpo_lightning.policy.loading import load_causal_lm
+        from gcpo_lightning.policy.quantization import load_quantized
 
         full = load_causal_lm(str(path), {"dtype": "bfloat16"}).to(device).eval()
         q4 = load_quantized(str(path), {"dtype": "bfloat16"}, QuantizationConfig(compute_dtype="bfloat16"),

@@ -23,7 +23,7 @@ def measure(vocab: int, rows: int, tokens: int, chunk: int | None) -> dict[str, 
     """Build the model, score once with gradients, return the peak-memory growth (MiB) and the log-probs' sum."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gcpo_lightning.scoring import score_completions
+    from gcpo_lightning.components.scoring.logprobs import score_completions
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

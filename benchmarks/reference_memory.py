@@ -13,9 +13,14 @@ import argparse
 
 import torch
 
-from gcpo_lightning.models import load_causal_lm, load_tokenizer
-from gcpo_lightning.quantization import QuantizationConfig, count_4bit_linears, load_quantized, model_memory_bytes
-from gcpo_lightning.scoring import score_completions
+from gcpo_lightning.components.scoring.logprobs import score_completions
+from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer
+from gcpo_lightning.policy.quantization import (
+    QuantizationConfig,
+    count_4bit_linears,
+    load_quantized,
+    model_memory_bytes,
+)
 
 PROMPTS = [
     "Tom has 3 boxes with 12 apples each. He gives away 7 apples. How many apples are left?",
@@ -27,7 +32,7 @@ PROMPTS = [
 
 def sampled_completions(model: torch.nn.Module, tokenizer, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Prompts and 32-token completions sampled from ``model`` (the fp32 one): what a rollout would score."""
-    from gcpo_lightning.decoding import decode
+    from gcpo_lightning.components.sampling.decoding import decode
 
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                            add_generation_prompt=True) for p in PROMPTS]

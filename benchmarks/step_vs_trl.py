@@ -10,12 +10,12 @@ Commands::
 What one step is, on both sides (the same work): generate ``G`` completions for each of ``--num-prompts``
 arithmetic prompts, score what the step needs without gradients (the reference model when ``beta > 0``; ours
 also re-scores the rollout under the policy for ``old_logps``, see below), compute the rewards
-(:func:`gcpo_lightning.rewards.arithmetic_accuracy` on both sides) and advantages, then one forward/backward pass
+(:func:`gcpo_lightning.rewards.arithmetic.arithmetic_accuracy` on both sides) and advantages, then one forward/backward pass
 and one AdamW step over all ``N = B*G`` completions (``num_iterations=1``, no gradient accumulation).
 
 Kept equal on both sides: the model and its weights (``--model``: the shipped ``tiny-arith`` when it is there,
 else a random tiny Llama from ``tests/conftest.py``'s ``save_tiny_llama`` with ``--hidden``/``--layers``), the
-prompts and their order (the first rows of :class:`gcpo_lightning.data.ArithmeticDataModule`, unshuffled), ``G``,
+prompts and their order (the first rows of :class:`gcpo_lightning.data.datamodules.ArithmeticDataModule`, unshuffled), ``G``,
 the maximum completion length, temperature 1 / top-p 1 / no top-k, ``beta``, the clip range, ``loss_type``,
 AdamW (lr 1e-4, weight decay 0.01, grad-norm clip 1.0), fp32. Three TRL defaults that would make TRL do different
 work are switched off: ``bf16`` (on by default even on CPU), ``gradient_checkpointing`` (on by default) and
@@ -130,7 +130,7 @@ def load_average() -> str:
 
 def resolve_model(args: argparse.Namespace, workdir: Path) -> tuple[str, str]:
     """``(path, description)`` of the model both sides load."""
-    from gcpo_lightning.models import SHIPPED
+    from gcpo_lightning.policy.loading import SHIPPED
 
     if args.model == "auto":
         shipped = SHIPPED["tiny-arith"]
@@ -142,14 +142,14 @@ def resolve_model(args: argparse.Namespace, workdir: Path) -> tuple[str, str]:
 
         path = save_tiny_llama(workdir / "tiny-llama", seed=args.seed, hidden=args.hidden, layers=args.layers)
         return str(path), f"random tiny Llama (hidden {args.hidden}, {args.layers} layers, tests/conftest.py)"
-    from gcpo_lightning.models import resolve_model_path
+    from gcpo_lightning.policy.loading import resolve_model_path
 
     return resolve_model_path(args.model), args.model
 
 
 def prompt_rows(args: argparse.Namespace, steps: int) -> list[dict[str, Any]]:
     """The first ``steps * num_prompts`` training rows of the arithmetic task, in a fixed order."""
-    from gcpo_lightning.data import ArithmeticDataModule
+    from gcpo_lightning.data.datamodules import ArithmeticDataModule
 
     dm = ArithmeticDataModule(num_train=max(steps * args.num_prompts * 2, 64), num_val=16, seed=args.seed,
                               batch_size=args.num_prompts)
@@ -169,8 +169,8 @@ def run_ours(args: argparse.Namespace, model_path: str, rows: list[dict[str, Any
     from torch.utils.data import DataLoader
 
     from gcpo_lightning import GCPOModule, GroupSampler, ReferenceKL
-    from gcpo_lightning.data import collate_rows
-    from gcpo_lightning.rewards import arithmetic_accuracy
+    from gcpo_lightning.data.datamodules import collate_rows
+    from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy
 
     torch.manual_seed(args.seed)
     module = GCPOModule(
@@ -242,8 +242,8 @@ def run_trl(args: argparse.Namespace, model_path: str, rows: list[dict[str, Any]
     from transformers.trainer_callback import PrinterCallback
     from trl.extras.profiling import ProfilingContext
 
-    from gcpo_lightning.models import load_causal_lm, load_tokenizer
-    from gcpo_lightning.rewards import arithmetic_accuracy
+    from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer
+    from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy
 
     events: list[tuple[str, float]] = []
     original_log = ProfilingContext._log_metrics

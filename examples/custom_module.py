@@ -24,12 +24,13 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 
 from gcpo_lightning import ArithmeticDataModule, CausalAdvantage, GroupNormalizedAdvantage, GroupSampler
-from gcpo_lightning.containers import PolicyModels, Rollout
-from gcpo_lightning.graph import IndependentResponses
-from gcpo_lightning.models import load_causal_lm, load_tokenizer
-from gcpo_lightning.protocols import RewardAdjuster, RewardFn
-from gcpo_lightning.rewards import arithmetic_accuracy, compute_rewards
-from gcpo_lightning.scoring import score_completions
+from gcpo_lightning.components.graphs.independent import IndependentResponses
+from gcpo_lightning.components.scoring.logprobs import score_completions
+from gcpo_lightning.interfaces.containers import PolicyModels, Rollout
+from gcpo_lightning.interfaces.protocols import RewardAdjuster, RewardFn
+from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer
+from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy
+from gcpo_lightning.rewards.base import compute_rewards
 
 
 class GroupReinforce(L.LightningModule):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gcpo_lightning.tasks.arithmetic import extract_answer
+from gcpo_lightning.rewards.arithmetic import extract_answer
 
 
 def brevity_reward(completions: list[str], max_chars: int = 64, **_: Any) -> list[float]:

@@ -34,8 +34,8 @@ from gcpo_lightning import (
     IndependentResponses,
     ReferenceKL,
 )
-from gcpo_lightning.protocols import RewardFn
-from gcpo_lightning.rewards import arithmetic_accuracy
+from gcpo_lightning.interfaces.protocols import RewardFn
+from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy
 
 
 @dataclass

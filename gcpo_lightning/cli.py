@@ -11,7 +11,8 @@ from typing import Any
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
-from gcpo_lightning.data import ArithmeticDataModule
+import gcpo_lightning.components  # noqa: F401  (imports every built-in component: short class names in YAML)
+from gcpo_lightning.data.datamodules import ArithmeticDataModule
 from gcpo_lightning.module import GCPOModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {

@@ -27,38 +27,28 @@ from torch import Tensor
 from torch.nn.utils import clip_grad_norm_
 from torchmetrics import MeanMetric
 
-from gcpo_lightning.advantages import GroupNormalizedAdvantage
-from gcpo_lightning.batching import micro_batches, mini_batches
-from gcpo_lightning.checks import check_data, settings_errors
-from gcpo_lightning.completions_table import completions_table, write_completions
-from gcpo_lightning.containers import Advantages, Penalty, PolicyModels, Rollout, Scores
-from gcpo_lightning.distributed import (
-    check_strategy,
-    full_parameters,
-    full_tensor,
-    gather_across_ranks,
-    rank_share,
-    shard_policy,
-)
-from gcpo_lightning.evaluation import (
-    SampledEvaluation,
-    answer_keys,
-    problem_records,
-    results_path,
-    write_problem_results,
-)
-from gcpo_lightning.graph import IndependentResponses
-from gcpo_lightning.kl import ReferenceKL, masked_mean
-from gcpo_lightning.lora import DisabledAdapterReference, LoRAConfig, apply_lora
-from gcpo_lightning.losses import clip_fractions, policy_loss
-from gcpo_lightning.models import load_causal_lm, load_tokenizer, render_prompt
-from gcpo_lightning.protocols import CausalGraphBuilder, ProjectedKL, RewardAdjuster, RewardFn, Sampler
-from gcpo_lightning.quantization import QuantizationConfig, load_quantized
-from gcpo_lightning.resume import all_rng_states, restore_rank_rng
-from gcpo_lightning.rewards import arithmetic_accuracy, compute_rewards, reward_name
-from gcpo_lightning.sampling import GroupSampler
-from gcpo_lightning.scoring import score_completions
-from gcpo_lightning.step_metrics import reward_fn_metrics, rollout_metrics
+from gcpo_lightning.components.adjusters.group_normalized import GroupNormalizedAdvantage
+from gcpo_lightning.components.graphs.independent import IndependentResponses
+from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
+from gcpo_lightning.components.sampling.group_sampler import GroupSampler
+from gcpo_lightning.components.scoring.logprobs import score_completions
+from gcpo_lightning.evaluation.metric import SampledEvaluation
+from gcpo_lightning.evaluation.records import answer_keys, problem_records, results_path, write_problem_results
+from gcpo_lightning.functional.losses import clip_fractions, masked_mean, policy_loss
+from gcpo_lightning.interfaces.containers import Advantages, Penalty, PolicyModels, Rollout, Scores
+from gcpo_lightning.interfaces.protocols import CausalGraphBuilder, ProjectedKL, RewardAdjuster, RewardFn, Sampler
+from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer, render_prompt
+from gcpo_lightning.policy.lora import DisabledAdapterReference, LoRAConfig, apply_lora
+from gcpo_lightning.policy.quantization import QuantizationConfig, load_quantized
+from gcpo_lightning.policy.sharding import full_parameters, full_tensor, shard_policy
+from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy
+from gcpo_lightning.rewards.base import compute_rewards, reward_name
+from gcpo_lightning.training.batching import micro_batches, mini_batches
+from gcpo_lightning.training.checks import check_data, settings_errors
+from gcpo_lightning.training.completions import completions_table, write_completions
+from gcpo_lightning.training.distributed import check_strategy, gather_across_ranks, rank_share
+from gcpo_lightning.training.metrics import reward_fn_metrics, rollout_metrics
+from gcpo_lightning.training.rng import all_rng_states, restore_rank_rng
 
 LossType = Literal["grpo", "dapo", "dr_grpo"]
 

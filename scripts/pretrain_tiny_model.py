@@ -3,10 +3,10 @@
 
 What it does:
     1. Builds a ~0.87M-parameter ``LlamaForCausalLM`` (hidden 128, 4 layers, 4 heads, MLP 384) over the
-       100-token character vocabulary of :func:`gcpo_lightning.tasks.char_tokenizer.build_char_tokenizer`.
+       100-token character vocabulary of :func:`gcpo_lightning.policy.char_tokenizer.build_char_tokenizer`.
     2. Trains it with supervised fine-tuning on the embedded arithmetic task
-       (:class:`gcpo_lightning.tasks.arithmetic.ArithmeticTask`), loss only on the completion tokens and
-       the final ``<eos>``, on a mixture of the three prompt formats of :mod:`gcpo_lightning.prompts`:
+       (:class:`gcpo_lightning.data.tasks.arithmetic.ArithmeticTask`), loss only on the completion tokens and
+       the final ``<eos>``, on a mixture of the three prompt formats of :mod:`gcpo_lightning.components.graphs.prompts`:
 
        - single: ``PROMPT_TEMPLATE`` -> a teacher worked solution. The teacher forgets the carry/borrow in
          a fraction ``--error-rate`` of the steps that need one (a systematic mistake), so SFT plateaus
@@ -64,14 +64,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gcpo_lightning.prompts import (  # noqa: E402
+from gcpo_lightning.components.graphs.prompts import (
     CONTEXT_TEMPLATE,
+    # noqa: E402     CONTEXT_TEMPLATE,
     INTEGRATION_TEMPLATE,
-    PROMPT_TEMPLATE,
     render_candidates,
 )
-from gcpo_lightning.tasks.arithmetic import ArithmeticTask, extract_answer, is_correct  # noqa: E402
-from gcpo_lightning.tasks.char_tokenizer import build_char_tokenizer  # noqa: E402
+from gcpo_lightning.data.tasks.arithmetic import ArithmeticTask
+from gcpo_lightning.data.templates import PROMPT_TEMPLATE
+from gcpo_lightning.policy.char_tokenizer import build_char_tokenizer  # noqa: E402
+from gcpo_lightning.rewards.arithmetic import extract_answer, is_correct  # noqa: E402
 
 FORMATS = ("single", "integration", "context")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gcpo_lightning.tasks.char_tokenizer import build_char_tokenizer
+from gcpo_lightning.policy.char_tokenizer import build_char_tokenizer
 
 
 def save_tiny_llama(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import Tensor
 
-from gcpo_lightning.advantages import group_normalize
-from gcpo_lightning.containers import Advantages, CausalGraph, Rollout
-from gcpo_lightning.protocols import RewardAdjuster
+from gcpo_lightning.functional.advantages import group_normalize
+from gcpo_lightning.interfaces.containers import Advantages, CausalGraph, Rollout
+from gcpo_lightning.interfaces.protocols import RewardAdjuster
 
 
 class ScaledAdvantage(RewardAdjuster):

@@ -34,10 +34,10 @@ from gcpo_lightning import (  # noqa: E402
     GCPOModule,
     GroupSampler,
 )
-from gcpo_lightning.callbacks import CheckpointOnSigterm, HFExport  # noqa: E402
-from gcpo_lightning.distributed import full_state_dict  # noqa: E402
-from gcpo_lightning.lora import LoRAConfig  # noqa: E402
-from gcpo_lightning.quantization import QuantizationConfig, count_4bit_linears  # noqa: E402
+from gcpo_lightning.policy.lora import LoRAConfig  # noqa: E402
+from gcpo_lightning.policy.quantization import QuantizationConfig, count_4bit_linears  # noqa: E402
+from gcpo_lightning.policy.sharding import full_state_dict  # noqa: E402
+from gcpo_lightning.training.callbacks import CheckpointOnSigterm, HFExport  # noqa: E402
 
 
 class RecordingAdvantage(CausalAdvantage):

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from gcpo_lightning.advantages import GroupNormalizedAdvantage, frac_zero_std, group_normalize
-from gcpo_lightning.containers import CausalGraph
+from gcpo_lightning.components.adjusters.group_normalized import GroupNormalizedAdvantage
+from gcpo_lightning.functional.advantages import frac_zero_std, group_normalize
+from gcpo_lightning.interfaces.containers import CausalGraph
 
 
 def test_group_scaling():

@@ -1,4 +1,4 @@
-"""Tests for the embedded arithmetic task (gcpo_lightning.tasks.arithmetic)."""
+"""Tests for the embedded arithmetic task (gcpo_lightning.data.tasks.arithmetic)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from gcpo_lightning.tasks import ArithmeticTask, extract_answer, is_correct, solve
+from gcpo_lightning.data.tasks import ArithmeticTask, solve
+from gcpo_lightning.rewards.arithmetic import extract_answer, is_correct
 
 QUESTION_RE = re.compile(r"\d+(?:[+-]\d+)*")
 

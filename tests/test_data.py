@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gcpo_lightning.data import ArithmeticDataModule, DataError, HFPromptDataModule, validate_rows
+from gcpo_lightning.data.datamodules import ArithmeticDataModule, DataError, HFPromptDataModule, validate_rows
 
 
 def write_jsonl(path, rows):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gcpo_lightning.data import DataError, HFPromptDataModule, WordProblemDataModule
-from gcpo_lightning.presets import gsm8k_final_answer, last_boxed
-from gcpo_lightning.tasks.word_problems import TEMPLATES, WordProblemTask, write_word_problems
+from gcpo_lightning.data.datamodules import DataError, HFPromptDataModule, WordProblemDataModule
+from gcpo_lightning.data.presets import gsm8k_final_answer, last_boxed
+from gcpo_lightning.data.tasks.word_problems import TEMPLATES, WordProblemTask, write_word_problems
 
 SAMPLES = Path(__file__).parents[1] / "gcpo_lightning" / "assets" / "samples"
 
@@ -117,7 +117,7 @@ def test_skip_bad_rows_drops_and_logs_them(tmp_path, caplog):
     rows = [{"problem": f"p{i}", "solution": f"$\\boxed{{{i}}}$" if i % 3 else "a proof"} for i in range(9)]
     dm = HFPromptDataModule(data_files=write_jsonl(tmp_path / "m.jsonl", rows), preset="math", val_size=2,
                             skip_bad_rows=True)
-    with caplog.at_level(logging.WARNING, logger="gcpo_lightning.data"):
+    with caplog.at_level(logging.WARNING, logger="gcpo_lightning.data.datamodules"):
         dm.setup("fit")
     assert sorted(int(r["answer"]) for r in all_rows(dm)) == [1, 2, 4, 5, 7, 8]
     assert sum(dm.skipped.values()) == 3 and "skipped 3 of 9 rows" in caplog.text
@@ -164,7 +164,7 @@ def lengths_file(tmp_path: Path) -> str:
 
 def test_prompt_char_filter_drops_and_logs(tmp_path, caplog):
     dm = HFPromptDataModule(data_files=lengths_file(tmp_path), max_prompt_chars=12, val_size=4)
-    with caplog.at_level(logging.WARNING, logger="gcpo_lightning.data"):
+    with caplog.at_level(logging.WARNING, logger="gcpo_lightning.data.datamodules"):
         dm.setup("fit")
     assert sorted(int(r["answer"]) for r in all_rows(dm)) == list(range(1, 13))
     assert sum(dm.dropped.values()) == 8 and "dropped 8 of 20 rows" in caplog.text
@@ -179,7 +179,7 @@ def test_prompt_token_filter_with_char_tokenizer(tmp_path, tiny_model_dir):
 
 def test_preset_template_survives_the_cli_default_data_module():
     from gcpo_lightning.cli import main
-    from gcpo_lightning.presets import HUMANEVAL_TEMPLATE
+    from gcpo_lightning.data.templates import HUMANEVAL_TEMPLATE
 
     cli = main(["--data", "gcpo_lightning.HFPromptDataModule", "--data.preset", "humaneval",
                 "--data.path", "x.jsonl", "--trainer.logger", "false"], run=False)

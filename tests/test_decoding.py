@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from gcpo_lightning.decoding import decode, filter_logits
-from gcpo_lightning.models import load_causal_lm, load_tokenizer
-from gcpo_lightning.sampling import completion_mask_from_eos
-from gcpo_lightning.scoring import score_completions
+from gcpo_lightning.components.sampling.decoding import decode, filter_logits
+from gcpo_lightning.components.sampling.group_sampler import completion_mask_from_eos
+from gcpo_lightning.components.scoring.logprobs import score_completions
+from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer
 
 
 def test_filter_logits_top_k_and_top_p():
@@ -58,8 +58,8 @@ def test_min_new_tokens_suppresses_early_eos(tiny_model_dir):
 
 
 def test_sampler_generate_fallback_matches_the_loop_greedily(tiny_model_dir):
-    from gcpo_lightning.containers import PolicyModels
-    from gcpo_lightning.sampling import GroupSampler
+    from gcpo_lightning.components.sampling.group_sampler import GroupSampler
+    from gcpo_lightning.interfaces.containers import PolicyModels
 
     models = PolicyModels(load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)))
     prompts = ["Problem: 1+2\nSolution:", "Problem: 3+4+5-6\nSolution:"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gcpo_lightning import CausalAdvantage
-from gcpo_lightning.containers import CausalGraph
+from gcpo_lightning.interfaces.containers import CausalGraph
 
 pytestmark = pytest.mark.distributed
 SCRIPT = Path(__file__).parent / "distributed_fit.py"
@@ -124,7 +124,7 @@ def test_fsdp2_with_lora_trains_adapters_and_exports_merged(tiny_model_dir, tmp_
 def test_unsupported_strategies_are_refused_before_loading(strategy, message):
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-    from gcpo_lightning.distributed import check_strategy
+    from gcpo_lightning.training.distributed import check_strategy
 
     cpus = [torch.device("cpu")] * 2
     made = (DDPStrategy(parallel_devices=cpus) if strategy == "ddp"
@@ -139,8 +139,8 @@ def _dapo_rank(rank: int, tokens: list[torch.Tensor], out: str) -> None:
     """One gloo rank: DAPO token-mean loss on its own tokens, scaled by rank_share, gradients averaged (as FSDP)."""
     import torch.distributed as dist
 
-    from gcpo_lightning.distributed import rank_share
-    from gcpo_lightning.losses import token_mean
+    from gcpo_lightning.functional.losses import token_mean
+    from gcpo_lightning.training.distributed import rank_share
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     dist.init_process_group("gloo", rank=rank, world_size=2)

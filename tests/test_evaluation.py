@@ -9,16 +9,14 @@ import math
 import pytest
 import torch
 
-from gcpo_lightning.evaluation import (
+from gcpo_lightning.evaluation.metric import SampledEvaluation
+from gcpo_lightning.evaluation.records import (
     ProblemRecord,
-    SampledEvaluation,
-    majority_correct,
-    pass_at_k,
-    pass_at_k_tensor,
     problem_records,
     read_problem_results,
     write_problem_results,
 )
+from gcpo_lightning.functional.pass_at_k import majority_correct, pass_at_k, pass_at_k_tensor
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:

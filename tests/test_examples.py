@@ -13,7 +13,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from gcpo_lightning.models import load_causal_lm
+from gcpo_lightning.policy.loading import load_causal_lm
 
 REPO = Path(__file__).parents[1]
 EXAMPLES = REPO / "examples"

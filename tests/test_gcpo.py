@@ -17,11 +17,10 @@ from gcpo_lightning import (
     IndependentResponses,
     ReferenceKL,
 )
-from gcpo_lightning.batching import micro_batches
-from gcpo_lightning.causal_advantage import causal_target, causal_weights
-from gcpo_lightning.causal_kl import projected_reference_probs
-from gcpo_lightning.containers import CausalGraph
-from gcpo_lightning.losses import k3
+from gcpo_lightning.functional.causal import causal_target, causal_weights, projected_reference_probs
+from gcpo_lightning.functional.losses import k3
+from gcpo_lightning.interfaces.containers import CausalGraph
+from gcpo_lightning.training.batching import micro_batches
 
 
 class _Rollout:
@@ -178,7 +177,7 @@ def test_gcpo_without_weighting_and_causal_kl_equals_grpo(tiny_model_dir):
 @pytest.mark.parametrize("policy_context", ["context", "query"])
 def test_gcpo_fits_end_to_end(tiny_model_dir, tmp_path, policy_context):
     L.seed_everything(0)
-    from gcpo_lightning.models import load_causal_lm
+    from gcpo_lightning.policy.loading import load_causal_lm
 
     before = load_causal_lm(str(tiny_model_dir)).state_dict()
     module = make_module(tiny_model_dir, graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=2),
@@ -195,7 +194,7 @@ def test_gcpo_fits_end_to_end(tiny_model_dir, tmp_path, policy_context):
 
 
 def test_shared_prefix_context_probs_equal_plain(tiny_model_dir):
-    from gcpo_lightning.causal_kl import context_probs, context_probs_shared
+    from gcpo_lightning.components.penalties.causal_kl import context_probs, context_probs_shared
 
     module = make_module(tiny_model_dir, num_generations=3, graph_builder=ColliderGraphBuilder(num_integrated=3))
     rollout, models = _rollout(module, G=3)
@@ -235,7 +234,7 @@ def test_micro_batches_accumulate_to_the_full_gradient(tiny_model_dir, loss_type
 def test_causal_ratio_cap_bounds_the_penalty_and_its_gradient():
     from types import SimpleNamespace
 
-    from gcpo_lightning.containers import Scores
+    from gcpo_lightning.interfaces.containers import Scores
 
     # p'_ref = 0.5, pi_theta(y | x_i) = 0.001: u = 500, k3 = 500 - ln 500 - 1 = 492.785
     # capped at max_ratio 10: k3(10) = 10 - ln 10 - 1 = 6.697415, and no gradient through the capped token

@@ -11,7 +11,7 @@ import torch
 from test_module import make_module
 
 from gcpo_lightning import ArithmeticDataModule
-from gcpo_lightning.quantization import QuantizationConfig, count_4bit_linears
+from gcpo_lightning.policy.quantization import QuantizationConfig, count_4bit_linears
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -10,10 +10,13 @@ import torch
 
 pytest.importorskip("peft")
 
-from gcpo_lightning.containers import PolicyModels, Rollout  # noqa: E402
-from gcpo_lightning.kl import reference_logps  # noqa: E402
-from gcpo_lightning.lora import (  # noqa: E402
+from gcpo_lightning.components.penalties.reference_kl import reference_logps  # noqa: E402
+from gcpo_lightning.components.scoring.logprobs import score_completions, score_in_batches  # noqa: E402
+from gcpo_lightning.interfaces.containers import PolicyModels, Rollout  # noqa: E402
+from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from gcpo_lightning.policy.lora import (
     DisabledAdapterReference,
+    # noqa: E402     DisabledAdapterReference,
     LoRAConfig,
     adapter_disabled,
     apply_lora,
@@ -23,8 +26,6 @@ from gcpo_lightning.lora import (  # noqa: E402
     is_lora,
     trainable_parameter_names,
 )
-from gcpo_lightning.models import load_causal_lm, load_tokenizer  # noqa: E402
-from gcpo_lightning.scoring import score_completions, score_in_batches  # noqa: E402
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -152,7 +153,7 @@ def test_all_linear_skips_the_output_head(tiny_model_dir: Path) -> None:
 def test_qlora_merged_export_matches_the_4bit_policy(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A 4-bit base is dequantized into the export: it reproduces the trained QLoRA policy."""
     pytest.importorskip("bitsandbytes")
-    from gcpo_lightning.quantization import count_4bit_linears, load_quantized
+    from gcpo_lightning.policy.quantization import count_4bit_linears, load_quantized
 
     policy = apply_lora(load_quantized(str(tiny_model_dir)), LoRAConfig(r=4))
     assert count_4bit_linears(policy) == 14

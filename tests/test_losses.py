@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gcpo_lightning.losses import (
+from gcpo_lightning.functional.losses import (
     clip_fractions,
     clipped_surrogate,
     constant_normalizer,

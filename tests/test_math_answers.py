@@ -1,4 +1,4 @@
-"""Tests for math answer extraction and equivalence (gcpo_lightning.math_answers).
+"""Tests for math answer extraction and equivalence (gcpo_lightning.rewards.math_answers).
 
 The table below is the specification: each case is ``(completion, gold, gold_style, expected)``. Cases marked
 ``fallback=True`` must also hold when math-verify is unavailable (the hand-written fallback).
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from gcpo_lightning import math_answers
-from gcpo_lightning.math_answers import (
+from gcpo_lightning.rewards import math_answers
+from gcpo_lightning.rewards.math_answers import (
     GoldAnswerError,
     answers_match,
     boxed_contents,

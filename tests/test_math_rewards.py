@@ -1,4 +1,4 @@
-"""Tests for the math reward callables (gcpo_lightning.math_rewards)."""
+"""Tests for the math reward callables (gcpo_lightning.rewards.math)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from gcpo_lightning import math_answers
-from gcpo_lightning.math_answers import GoldAnswerError
-from gcpo_lightning.math_rewards import MathAccuracy, TagFormat, tag_span
-from gcpo_lightning.rewards import RewardError, call_reward, reward_name
+from gcpo_lightning.rewards import math_answers
+from gcpo_lightning.rewards.base import RewardError, call_reward, reward_name
+from gcpo_lightning.rewards.math import MathAccuracy, TagFormat, tag_span
+from gcpo_lightning.rewards.math_answers import GoldAnswerError
 
 COMPLETIONS = [r"so \boxed{\frac{1}{2}}", "The answer is 0.5", "Answer: 0.33", "", r"\boxed{1,234}", "I give up"]
 GOLDS = ["0.5", "1/2", "1/3", "7", "#### 1,234", "#### 1,234"]

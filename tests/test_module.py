@@ -12,8 +12,8 @@ from custom_components import length_reward, raising_reward, short_reward
 from lightning.pytorch.loggers import CSVLogger
 
 from gcpo_lightning import ArithmeticDataModule, GCPOModule, GroupSampler, ReferenceKL
-from gcpo_lightning.models import load_causal_lm
-from gcpo_lightning.rewards import RewardError
+from gcpo_lightning.policy.loading import load_causal_lm
+from gcpo_lightning.rewards.base import RewardError
 
 
 def no_decay(params):
@@ -144,7 +144,7 @@ def test_bad_reward_function_is_named_before_the_model_loads(tiny_model_dir, tmp
 
 
 def test_reward_metric_names_stay_distinct():
-    from gcpo_lightning.step_metrics import unique_names
+    from gcpo_lightning.training.metrics import unique_names
 
     assert unique_names(["acc", "fmt", "acc"]) == ["acc_0", "fmt", "acc_2"]
     assert unique_names(["acc", "fmt"]) == ["acc", "fmt"]

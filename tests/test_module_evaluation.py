@@ -12,8 +12,9 @@ from test_module import fit, make_module
 
 from gcpo_lightning import ArithmeticDataModule
 from gcpo_lightning.cli import main
-from gcpo_lightning.evaluation import pass_at_k, read_problem_results
-from gcpo_lightning.rewards import arithmetic_accuracy
+from gcpo_lightning.evaluation.records import read_problem_results
+from gcpo_lightning.functional.pass_at_k import pass_at_k
+from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy
 
 
 def even_length(completions, **_):
@@ -87,7 +88,7 @@ def test_code_reward_trains_and_reports_sandbox_outcomes(tiny_model_dir, tmp_pat
     from importlib.resources import files
 
     from gcpo_lightning import HFPromptDataModule
-    from gcpo_lightning.code_rewards import CodeExecution
+    from gcpo_lightning.rewards.code import CodeExecution
 
     sample = str(files("gcpo_lightning") / "assets" / "samples" / "humaneval_sample.jsonl")
     module = make_module(tiny_model_dir, reward_funcs=[CodeExecution(timeout_s=5.0, max_workers=2)],

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gcpo_lightning.models import load_causal_lm, load_tokenizer
-from gcpo_lightning.prefix_sharing import (
+from gcpo_lightning.components.scoring.logprobs import score_completions
+from gcpo_lightning.components.scoring.prefix_sharing import (
     branch_attention_mask,
     common_prefix_length,
     pack_branches,
     shared_prefix_logps,
 )
-from gcpo_lightning.scoring import score_completions
+from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer
 
 
 def test_pack_layout_by_hand():

@@ -13,9 +13,11 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from conftest import save_tiny_llama  # noqa: E402
 
-from gcpo_lightning.models import load_causal_lm  # noqa: E402
-from gcpo_lightning.quantization import (  # noqa: E402
+from gcpo_lightning.components.scoring.logprobs import score_completions  # noqa: E402
+from gcpo_lightning.policy.loading import load_causal_lm  # noqa: E402
+from gcpo_lightning.policy.quantization import (
     QuantizationConfig,
+    # noqa: E402     QuantizationConfig,
     as_quantization_config,
     count_4bit_linears,
     dequantized_weight,
@@ -24,7 +26,6 @@ from gcpo_lightning.quantization import (  # noqa: E402
     require_bitsandbytes,
     validate_quantized_load,
 )
-from gcpo_lightning.scoring import score_completions  # noqa: E402
 
 HIDDEN = 128  # hidden 128 / intermediate 256: the linear layers dominate the memory, unlike at hidden 32
 
@@ -155,7 +156,7 @@ def test_eval_and_train_forwards_agree_at_any_width(tiny_model_dir: Path) -> Non
 def test_backward_through_lora_on_4bit(full_and_4bit: tuple[Any, Any], mid_model_dirs: tuple) -> None:
     """QLoRA on CPU: the adapter gets gradients and keeps learning after a no-grad eval (reference) pass."""
     pytest.importorskip("peft")
-    from gcpo_lightning.lora import LoRAConfig, adapter_disabled, apply_lora
+    from gcpo_lightning.policy.lora import LoRAConfig, adapter_disabled, apply_lora
 
     policy = apply_lora(load_quantized(str(mid_model_dirs[0])), LoRAConfig(r=4, target_modules="all-linear"))
     assert isinstance(policy.get_base_model().model.layers[0].mlp.up_proj.base_layer, bnb.nn.Linear4bit)

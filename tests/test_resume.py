@@ -13,7 +13,8 @@ import pytest
 import torch
 from test_distributed import SCRIPT, metrics, run_fit
 
-from gcpo_lightning.resume import ResumableLoader, ResumableSampler, rng_state, set_rng_state
+from gcpo_lightning.data.loader import ResumableLoader, ResumableSampler
+from gcpo_lightning.training.rng import rng_state, set_rng_state
 
 
 def test_sampler_resumes_mid_epoch_in_the_same_order():

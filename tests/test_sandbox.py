@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gcpo_lightning.code_rewards import CodeExecution, build_program, extract_code
-from gcpo_lightning.sandbox import REASONS, SandboxResult, isolation_layers, run_many, run_python
+from gcpo_lightning.rewards.code import CodeExecution, build_program, extract_code
+from gcpo_lightning.rewards.sandbox import REASONS, SandboxResult, isolation_layers, run_many, run_python
 
 TIMEOUT = 2.0
 SLACK = 3.0  # interpreter start and process cleanup on a loaded 2-core machine
@@ -280,7 +280,7 @@ def test_code_execution_reward(caplog: pytest.LogCaptureFixture) -> None:
     completions = [CORRECT_BODY, CORRECT_FULL, WRONG, CRASHING, CHEATING]
     columns = {key: [value] * len(completions) for key, value in PROBLEM.items()}
     reward = CodeExecution(timeout_s=TIMEOUT, max_workers=2)
-    with caplog.at_level(logging.INFO, logger="gcpo_lightning.code_rewards"):
+    with caplog.at_level(logging.INFO, logger="gcpo_lightning.rewards.code"):
         values = reward(prompts=["Complete the function."] * len(completions), completions=completions, **columns)
     assert values == [1.0, 1.0, 0.0, 0.0, 0.0]
     assert reward.last_reasons == ["passed", "passed", "failed", "error", "exit"]

@@ -9,9 +9,9 @@ import torch
 from test_module import fit, make_module
 
 from gcpo_lightning import ArithmeticDataModule, ReferenceKL
-from gcpo_lightning.callbacks import HFExport
-from gcpo_lightning.lora import DisabledAdapterReference, LoRAConfig
-from gcpo_lightning.quantization import QuantizationConfig, count_4bit_linears
+from gcpo_lightning.policy.lora import DisabledAdapterReference, LoRAConfig
+from gcpo_lightning.policy.quantization import QuantizationConfig, count_4bit_linears
+from gcpo_lightning.training.callbacks import HFExport
 
 
 def one_rollout(module):

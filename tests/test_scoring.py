@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from gcpo_lightning.containers import PolicyModels
-from gcpo_lightning.models import load_causal_lm, load_tokenizer
-from gcpo_lightning.sampling import GroupSampler, completion_mask_from_eos
-from gcpo_lightning.scoring import final_token_hidden, position_ids_from_mask, score_completions, selective_log_softmax
+from gcpo_lightning.components.sampling.group_sampler import GroupSampler, completion_mask_from_eos
+from gcpo_lightning.components.scoring.logprobs import (
+    final_token_hidden,
+    position_ids_from_mask,
+    score_completions,
+    selective_log_softmax,
+)
+from gcpo_lightning.interfaces.containers import PolicyModels
+from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer
 
 
 def test_position_ids_skip_left_padding():
@@ -86,7 +91,7 @@ def random_batch(seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 
 def test_chunked_head_equals_full_logits_with_gradients(tiny_model_dir, monkeypatch):
-    import gcpo_lightning.scoring as scoring
+    import gcpo_lightning.components.scoring.logprobs as scoring
 
     model = load_causal_lm(str(tiny_model_dir))
     batch = random_batch()
@@ -108,7 +113,7 @@ def test_chunked_head_equals_full_logits_with_gradients(tiny_model_dir, monkeypa
 
 
 def test_final_norm_hook_captures_what_the_lm_head_reads(tiny_model_dir):
-    from gcpo_lightning.scoring import final_states, lm_head
+    from gcpo_lightning.components.scoring.logprobs import final_states, lm_head
 
     model = load_causal_lm(str(tiny_model_dir))
     ids = torch.randint(3, 30, (2, 8))

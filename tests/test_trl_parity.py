@@ -3,13 +3,13 @@
 What is compared:
 
 * the loss and the gradient of every model parameter: TRL's ``GRPOTrainer._compute_loss(model, inputs)`` on a
-  hand-made batch against :func:`gcpo_lightning.losses.policy_loss` fed with log-probs from
-  :func:`gcpo_lightning.scoring.score_completions` and the penalty of :class:`gcpo_lightning.kl.ReferenceKL`,
+  hand-made batch against :func:`gcpo_lightning.functional.losses.policy_loss` fed with log-probs from
+  :func:`gcpo_lightning.components.scoring.logprobs.score_completions` and the penalty of :class:`gcpo_lightning.components.penalties.reference_kl.ReferenceKL`,
   for ``loss_type`` in grpo / dapo / dr_grpo, ``beta`` in 0 / 0.04, with ``epsilon_high != epsilon`` in two of
   the three loss types and old log-probs far enough from the current ones that both clip sides are active;
 * the advantages: TRL computes them inline in ``_generate_and_score_completions`` (there is no function to call
   in isolation), so that whole method is run on the tiny model with a reward function returning fixed values,
-  and its ``advantages`` are compared with :func:`gcpo_lightning.advantages.group_normalize` for every
+  and its ``advantages`` are compared with :func:`gcpo_lightning.functional.advantages.group_normalize` for every
   ``scale_rewards``;
 * log-probs against ``generate``: our scoring reproduces the (temperature-scaled) log-softmax of the logits that
   ``generate`` itself sampled from, on left-padded prompts.
@@ -50,13 +50,13 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from gcpo_lightning.advantages import group_normalize  # noqa: E402
-from gcpo_lightning.containers import PolicyModels, Rollout, Scores  # noqa: E402
-from gcpo_lightning.kl import ReferenceKL  # noqa: E402
-from gcpo_lightning.losses import clip_fractions, policy_loss  # noqa: E402
-from gcpo_lightning.models import load_causal_lm, load_tokenizer  # noqa: E402
-from gcpo_lightning.sampling import completion_mask_from_eos, eos_ids  # noqa: E402
-from gcpo_lightning.scoring import score_completions  # noqa: E402
+from gcpo_lightning.components.penalties.reference_kl import ReferenceKL  # noqa: E402
+from gcpo_lightning.components.sampling.group_sampler import completion_mask_from_eos, eos_ids  # noqa: E402
+from gcpo_lightning.components.scoring.logprobs import score_completions  # noqa: E402
+from gcpo_lightning.functional.advantages import group_normalize  # noqa: E402
+from gcpo_lightning.functional.losses import clip_fractions, policy_loss  # noqa: E402
+from gcpo_lightning.interfaces.containers import PolicyModels, Rollout, Scores  # noqa: E402
+from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer  # noqa: E402
 
 G = 4  # num_generations
 N = 8  # completions in the hand-made batch (two groups)
@@ -276,7 +276,7 @@ def test_math_accuracy_matches_trl_accuracy_reward():
     """
     from trl.rewards import accuracy_reward
 
-    from gcpo_lightning.math_rewards import MathAccuracy
+    from gcpo_lightning.rewards.math import MathAccuracy
 
     completions, golds = [c for c, _ in MATH_PARITY_CASES], [g for _, g in MATH_PARITY_CASES]
     theirs = accuracy_reward([[{"content": c}] for c in completions], [f"${g}$" for g in golds])

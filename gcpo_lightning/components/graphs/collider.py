@@ -1,0 +1,201 @@
+"""GCPO's causal graph (paper Sec. 3): the collider of integrated outputs and the conditioning contexts.
+
+For every group of ``G`` candidates ``y_i`` to a query ``q``:
+
+1. ``M`` integrated outputs ``y_{n,l} ~ pi_old(. | integration prompt(q, y_0..y_{G-1}))``;
+2. contexts ``x_{i,l} = q + {y_k : k != i} + y_{n,l}`` for every candidate ``i`` and integrated output ``l``;
+3. ``K`` samples ``O_{i,l,k} ~ pi_old(. | x_{i,l})`` and their mean representation ``Zbar_{i,l}``.
+
+Every phase is one batched sampler call over the whole batch (no Python loop over ``i`` or ``l``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from torch import Tensor
+
+from gcpo_lightning.components.graphs.prompts import (
+    CANDIDATE_LINE,
+    CONTEXT_TEMPLATE,
+    INTEGRATION_TEMPLATE,
+    render_candidates,
+)
+from gcpo_lightning.components.scoring.logprobs import score_in_batches
+from gcpo_lightning.interfaces.containers import CausalGraph, PolicyModels, Rollout
+from gcpo_lightning.interfaces.protocols import CausalGraphBuilder, Sampler
+
+
+def require_placeholders(name: str, template: str, placeholders: tuple[str, ...]) -> None:
+    """Raise a ``ValueError`` naming the template and the placeholders it lacks."""
+    missing = [p for p in placeholders if "{" + p + "}" not in template]
+    if missing:
+        raise ValueError(f"{name} is missing placeholder(s) {['{' + p + '}' for p in missing]}: {template!r}")
+
+
+class ColliderGraphBuilder(CausalGraphBuilder):
+    """GCPO's graph: integrated outputs (the collider), contexts ``x_{i,l}`` and their representations.
+
+    ``rep(o)`` is the policy's final-token last-layer hidden state of ``prompt(q) + o`` (the spec's decision), so
+    candidates and context samples live in one space; ``represent_in_context`` uses ``x_{i,l} + o`` instead.
+
+    Args:
+        num_integrated: ``M``, integrated outputs per group (the paper uses ``M = G``).
+        num_context_samples: ``K``, samples per context ``x_{i,l}`` (the paper uses ``K = G``).
+        integration_template: the integration prompt; placeholders ``{question}`` and ``{candidates}``.
+        context_template: the context ``x_{i,l}``; placeholders ``{question}``, ``{others}``, ``{integrated}``.
+        candidate_template: one numbered candidate line; placeholders ``{index}`` (1-based) and ``{text}``.
+        max_candidate_tokens: cut each candidate to its last N tokens in the prompts (``None``: never cut).
+        represent_in_context: represent context samples under their own context rather than under ``q``.
+        batch_size: rows per no-grad forward pass.
+    """
+
+    def __init__(
+        self,
+        num_integrated: int = 2,
+        num_context_samples: int = 1,
+        integration_template: str = INTEGRATION_TEMPLATE,
+        context_template: str = CONTEXT_TEMPLATE,
+        candidate_template: str = CANDIDATE_LINE,
+        max_candidate_tokens: int | None = None,
+        represent_in_context: bool = False,
+        batch_size: int = 64,
+    ) -> None:
+        if num_integrated < 1:
+            raise ValueError(f"ColliderGraphBuilder: num_integrated (M) must be >= 1, got {num_integrated}")
+        if num_context_samples < 1:
+            raise ValueError(f"ColliderGraphBuilder: num_context_samples (K) must be >= 1, got {num_context_samples}")
+        if max_candidate_tokens is not None and max_candidate_tokens < 1:
+            raise ValueError(f"ColliderGraphBuilder: max_candidate_tokens must be >= 1 or null, got {max_candidate_tokens}")
+        require_placeholders("integration_template", integration_template, ("question", "candidates"))
+        require_placeholders("context_template", context_template, ("question", "others", "integrated"))
+        require_placeholders("candidate_template", candidate_template, ("index", "text"))
+        self.num_integrated = num_integrated
+        self.num_context_samples = num_context_samples
+        self.integration_template = integration_template
+        self.context_template = context_template
+        self.candidate_template = candidate_template
+        self.max_candidate_tokens = max_candidate_tokens
+        self.represent_in_context = represent_in_context
+        self.batch_size = batch_size
+
+    # ----- prompts -----------------------------------------------------------------------------------------------
+
+    def candidate_list(self, texts: list[str], skip: int | None = None) -> str:
+        """Numbered candidate lines (original 1-based numbering), leaving out candidate ``skip``."""
+        return render_candidates(texts, skip, self.candidate_template)
+
+    def candidate_texts(self, rollout: Rollout, tokenizer: Any) -> list[str]:
+        """The ``N`` candidates as they appear in prompts (cut to their last tokens if configured)."""
+        if self.max_candidate_tokens is None:
+            return list(rollout.completions)
+        cut = []
+        for ids, mask in zip(rollout.completion_ids, rollout.completion_mask):
+            real = ids[mask.bool()][-self.max_candidate_tokens :]
+            cut.append(tokenizer.decode(real, skip_special_tokens=True))
+        return cut
+
+    def integration_prompts(self, questions: list[str], cands: list[str], G: int) -> list[str]:
+        """One integration prompt per group: ``q`` plus all ``G`` candidates.  ``B`` strings."""
+        return [
+            self.integration_template.format(question=q, candidates=self.candidate_list(cands[b * G : (b + 1) * G]))
+            for b, q in enumerate(questions)
+        ]
+
+    def context_prompts(self, questions: list[str], cands: list[str], integrated: list[list[str]], G: int) -> list:
+        """``[B][G][M]`` contexts ``x_{i,l}``: ``q``, the candidates other than ``i``, integrated output ``l``."""
+        return [
+            [
+                [
+                    self.context_template.format(
+                        question=q, others=self.candidate_list(cands[b * G : (b + 1) * G], skip=i), integrated=y_n
+                    )
+                    for y_n in integrated[b]
+                ]
+                for i in range(G)
+            ]
+            for b, q in enumerate(questions)
+        ]
+
+    # ----- the graph ---------------------------------------------------------------------------------------------
+
+    def build(self, rollout: Rollout, models: PolicyModels, sampler: Sampler) -> CausalGraph:
+        """Sample the collider and the contexts of every group, and represent every output."""
+        G, M, K = rollout.group_size, self.num_integrated, self.num_context_samples
+        metrics: dict[str, float] = {}
+        questions = [row.get("question", row["prompt"]) for row in rollout.rows]
+        cands = self.candidate_texts(rollout, models.tokenizer)
+        start = time.perf_counter()
+        integ_prompts = [models.render(p) for p in self.integration_prompts(questions, cands, G)]
+        integ = sampler.sample(models, integ_prompts, M, score=False)  # B*M integrated outputs
+        integrated = [integ.completions[b * M : (b + 1) * M] for b in range(len(questions))]  # [B][M]
+        metrics["timing/integration"] = time.perf_counter() - start
+        contexts = self.context_prompts(questions, cands, integrated, G)  # [B][G][M]
+        flat = [models.render(x) for per_b in contexts for per_i in per_b for x in per_i]  # N*M, order (b, i, l)
+        start = time.perf_counter()
+        samples = sampler.sample(models, flat, K, score=self.represent_in_context)  # N*M*K, order (b, i, l, k)
+        metrics["timing/context_generation"] = time.perf_counter() - start
+        start = time.perf_counter()
+        reps = self.represent(samples, rollout, models, M * K)  # [N*M*K, D]
+        metrics["timing/context_representation"] = time.perf_counter() - start
+        N, D = rollout.completion_ids.shape[0], reps.shape[-1]
+        enc = models.tokenizer(flat, return_tensors="pt", padding=True, add_special_tokens=False)
+        device = rollout.completion_ids.device
+        metrics["graph/context_tokens"] = float(enc["input_ids"].shape[1])
+        return CausalGraph(
+            group_size=G,
+            representations=rollout.hidden,
+            integrated=integrated,
+            context_prompts=contexts,
+            context_representations=reps.view(N, M, K, D).mean(2),  # [N, M, D] Zbar_{i,l}
+            extras={
+                "context_ids": enc["input_ids"].to(device).view(N, M, -1),  # [N, M, Px] left-padded x_{i,l}
+                "context_mask": enc["attention_mask"].to(device).view(N, M, -1),  # [N, M, Px]
+                "integrated_completions": integ.completions,
+                "context_completions": samples.completions,
+            },
+            metrics=metrics,
+        )
+
+    def represent(self, samples: Rollout, rollout: Rollout, models: PolicyModels, per_candidate: int) -> Tensor:
+        """``rep(O)`` of every context sample: under its own context, or (default) under ``prompt(q)``.
+
+        ``per_candidate = M*K`` samples belong to each candidate; candidate ``n``'s prompt is ``rollout.prompt_ids[n]``.
+        """
+        if self.represent_in_context:
+            return samples.hidden
+        prompt_ids = rollout.prompt_ids.repeat_interleave(per_candidate, dim=0)  # [N*M*K, P]
+        prompt_mask = rollout.prompt_mask.repeat_interleave(per_candidate, dim=0)  # [N*M*K, P]
+        scores = score_in_batches(models.policy, prompt_ids, prompt_mask, samples.completion_ids,
+                                  samples.completion_mask, models.temperature, True, self.batch_size,
+                                  models.logits_chunk_size)
+        return scores.hidden
+
+    # ----- a check before training -------------------------------------------------------------------------------
+
+    def check_fits(self, models: PolicyModels, question: str, num_generations: int, max_completion_length: int) -> None:
+        """Raise before training when the longest possible context cannot fit the model's maximum length.
+
+        The bound counts every candidate and the integrated output at ``max_completion_length`` tokens (or
+        ``max_candidate_tokens`` when candidates are cut), plus the context's own completion.
+        """
+        limit = getattr(models.policy.config, "max_position_embeddings", None)
+        if limit is None:
+            return
+        count = lambda text: len(models.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        per_candidate = min(max_completion_length, self.max_candidate_tokens or max_completion_length)
+        empty = [""] * num_generations
+        longest = max(
+            count(models.render(self.integration_template.format(question=question, candidates=self.candidate_list(empty)))),
+            count(models.render(self.context_template.format(question=question, others=self.candidate_list(empty, 0),
+                                                             integrated=""))),
+        )
+        need = longest + num_generations * per_candidate + 2 * max_completion_length
+        if need > limit:
+            raise ValueError(
+                f"ColliderGraphBuilder: contexts can reach {need} tokens (G={num_generations} candidates of up to "
+                f"{per_candidate} tokens, integrated and own completions of {max_completion_length}), more than the "
+                f"model's maximum length {limit}; lower num_generations or max_completion_length, or set "
+                "max_candidate_tokens"
+            )

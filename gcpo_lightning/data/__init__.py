@@ -1,0 +1,11 @@
+"""Data modules, sources, presets and the shipped tasks: prompt rows with their answer columns."""
+
+from gcpo_lightning.data.datamodules import (
+    ArithmeticDataModule,
+    HFPromptDataModule,
+    WordProblemDataModule,
+    RowsDataModule,
+    DataError,
+)
+
+__all__ = ["ArithmeticDataModule", "DataError", "HFPromptDataModule", "RowsDataModule", "WordProblemDataModule"]

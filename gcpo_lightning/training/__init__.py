@@ -1,0 +1,1 @@
+"""What a training run needs beyond the step: callbacks, checks, distributed helpers, metrics, RNG state."""

@@ -1,0 +1,79 @@
+"""Checks of a module's settings and of the data against them, run before any model is loaded.
+
+Each problem is reported naming the setting, the reward function or the row, so that a bad config or data set
+fails in seconds instead of after the model has loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gcpo_lightning.functional.losses import LOSS_TYPES
+from gcpo_lightning.rewards.base import compute_rewards
+
+GOLD_CHECK_ROWS = 2000
+"""Training rows whose reference answers are checked up front (every validation row is)."""
+
+
+def settings_errors(m: Any) -> list[str]:
+    """Every problem with a :class:`~gcpo_lightning.module.GCPOModule`'s settings, each naming the setting."""
+    errors = []
+    if m.num_generations < 2:
+        errors.append(f"num_generations must be >= 2 (a group needs a baseline), got {m.num_generations}")
+    if m.num_iterations < 1:
+        errors.append(f"num_iterations must be >= 1, got {m.num_iterations}")
+    if m.mini_batch_size is not None and (m.mini_batch_size < 1 or m.mini_batch_size % m.num_generations):
+        errors.append(f"mini_batch_size ({m.mini_batch_size}) must be a positive multiple of num_generations "
+                      f"({m.num_generations}) so that every optimiser step holds whole groups")
+    if m.eval_num_samples < 1 or any(not 1 <= k <= m.eval_num_samples for k in m.eval_pass_at or []):
+        errors.append(f"eval_num_samples must be >= 1 and every eval_pass_at k in [1, eval_num_samples], got "
+                      f"eval_num_samples={m.eval_num_samples}, eval_pass_at={m.eval_pass_at}")
+    if m.quantization is not None and m.lora is None:
+        errors.append("quantization (a 4-bit policy) needs lora: 4-bit weights cannot be trained directly "
+                      "(use reference_quantization for a 4-bit reference)")
+    if m.logits_chunk_size is not None and m.logits_chunk_size < 1:
+        errors.append(f"logits_chunk_size must be >= 1, got {m.logits_chunk_size}")
+    if m.micro_batch_size is not None and m.micro_batch_size < 1:
+        errors.append(f"micro_batch_size must be >= 1, got {m.micro_batch_size}")
+    if not (0 < m.epsilon < 1) or m.epsilon_high <= 0:
+        errors.append(f"epsilon must be in (0, 1) and epsilon_high > 0, got {m.epsilon}, {m.epsilon_high}")
+    if m.loss_type not in LOSS_TYPES:
+        errors.append(f"loss_type must be one of {sorted(LOSS_TYPES)}, got {m.loss_type!r}")
+    if not m.reward_funcs:
+        errors.append("reward_funcs is empty")
+    if len(m.reward_weights) != len(m.reward_funcs):
+        errors.append(f"reward_weights has {len(m.reward_weights)} entries for {len(m.reward_funcs)} functions")
+    if not 0 <= m.accuracy_reward < max(len(m.reward_funcs), 1):
+        errors.append(f"accuracy_reward={m.accuracy_reward} is not an index into reward_funcs")
+    for fn in m.reward_funcs:
+        if not callable(fn):
+            errors.append(f"reward function {fn!r} is not callable")
+    return errors
+
+
+def check_data(m: Any, dm: Any, stage: str) -> None:
+    """Check the set-up data module against the module ``m``: batch divisibility, the reward functions on a real
+    row, and every reference answer a reward function can check (``check_gold``, e.g. ``MathAccuracy``)."""
+    batch_size = getattr(dm, "batch_size", None)
+    if stage == "fit" and batch_size is not None and m.mini_batch_size is not None:
+        total = batch_size * m.num_generations
+        if total % m.mini_batch_size:
+            raise ValueError(f"GCPOModule: batch_size * num_generations = {batch_size} * {m.num_generations} "
+                             f"= {total} is not divisible by mini_batch_size={m.mini_batch_size}")
+    rows = getattr(dm, "train_rows", None) or getattr(dm, "val_rows", None)
+    if rows:
+        dry_run_rewards(m.reward_funcs, m.reward_weights, rows[0])
+    for fn in m.reward_funcs:
+        check = getattr(fn, "check_gold", None)
+        if check is not None:
+            check([*getattr(dm, "val_rows", []), *getattr(dm, "train_rows", [])[:GOLD_CHECK_ROWS]])
+
+
+def dry_run_rewards(funcs: list[Any], weights: list[float], row: dict[str, Any]) -> None:
+    """Call every reward function on one real row with two placeholder completions.
+
+    A function that needs a column the data lacks, raises, or returns the wrong number of values is reported (by
+    name) before any model is loaded.
+    """
+    columns = {k: [v, v] for k, v in row.items() if k != "prompt"}
+    compute_rewards(funcs, weights, [row["prompt"]] * 2, ["", " ?"], columns)
