@@ -8,6 +8,17 @@ cd "$(dirname "$0")/.."
 extras="${1:-}"
 TORCH_VERSION="2.13.0"
 
+# The code reward's jail (gcpo_lightning/rewards/sandbox.py) needs bubblewrap; libseccomp builds its seccomp filter.
+# Debian's maintained package, installed when missing and we are root with apt (CI); otherwise say how.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap libseccomp2) >/dev/null \
+      || echo "warning: could not install bubblewrap: CodeExecution will refuse to run (docs/rewards.md)" >&2
+  else
+    echo "note: install bubblewrap (e.g. apt-get install bubblewrap) for the code reward's sandbox" >&2
+  fi
+fi
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 py=.venv/bin/python
 $py -m pip install -q --upgrade pip

@@ -1,9 +1,12 @@
-"""The code sandbox: every failure mode maps to passed=False with its reason, in time, leaving nothing behind."""
+"""The code sandbox: every failure mode maps to passed=False with its reason, in time, leaving nothing behind.
+
+These run in the default jail (bubblewrap) unless they test the ``unsafe-guard-only`` mode; deliberate attacks on
+the jail and the verdict are in ``tests/test_sandbox_attacks.py``.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -11,11 +14,23 @@ from pathlib import Path
 
 import pytest
 
+from gcpo_lightning.rewards import sandbox
 from gcpo_lightning.rewards.code import CodeExecution, build_program, extract_code
-from gcpo_lightning.rewards.sandbox import REASONS, SandboxResult, isolation_layers, run_many, run_python
+from gcpo_lightning.rewards.sandbox import (
+    HARDENING_LAYERS,
+    REASONS,
+    REQUIRED_LAYERS,
+    IsolationError,
+    SandboxResult,
+    check_isolation,
+    isolation_layers,
+    run_many,
+    run_python,
+)
 
 TIMEOUT = 2.0
 SLACK = 3.0  # interpreter start and process cleanup on a loaded 2-core machine
+GUARD = {"isolation": "unsafe-guard-only"}
 
 
 @pytest.fixture
@@ -72,9 +87,14 @@ def test_detail_has_the_traceback(roots: tuple[Path, Path]) -> None:
     assert "Traceback" in result.detail and "line 2" in result.detail
 
 
+def test_failure_modes_in_guard_mode(roots: tuple[Path, Path]) -> None:
+    for program, reason in [("assert False\n", "failed"), ("import os\nos._exit(0)\n", "exit"), ("pass\n", "passed")]:
+        assert run(program, roots[0], **GUARD).reason == reason
+
+
 def test_catching_the_guard_does_not_help(roots: tuple[Path, Path]) -> None:
     program = "import os\ntry:\n    os.system('true')\nexcept BaseException:\n    pass\n"
-    assert run(program, roots[0]).reason == "forbidden"
+    assert run(program, roots[0], **GUARD).reason == "forbidden"
 
 
 def test_infinite_loop_times_out(roots: tuple[Path, Path]) -> None:
@@ -106,37 +126,49 @@ def test_crash_is_killed(roots: tuple[Path, Path]) -> None:
         "open('{target}', 'w').write('escaped')\n",
         "from pathlib import Path\nPath('{target}').write_text('escaped')\n",
         "import os\nos.chdir('{outside}')\nopen('x', 'w').write('escaped')\n",
+        "import os\nos.symlink('{outside}', 'link')\nopen('link/written.txt', 'w').write('escaped')\n",
         "import ctypes\nctypes.CDLL(None).system(b'touch {target}')\n",
         "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n",
     ],
 )
-def test_forbidden_calls_leave_the_outside_untouched(roots: tuple[Path, Path], program: str) -> None:
+@pytest.mark.parametrize("isolation", ["jail", "unsafe-guard-only"])
+def test_forbidden_calls_leave_the_outside_untouched(
+    roots: tuple[Path, Path], program: str, isolation: str
+) -> None:
+    """The guard refuses these calls (``forbidden``); the jail lets them fail or do nothing outside it."""
     sandbox_root, outside = roots
     target, existing = outside / "written.txt", outside / "keep.txt"
     existing.write_text("keep me")
-    result = run(program.format(target=target, existing=existing, outside=outside), sandbox_root)
-    assert result.reason == "forbidden", result.detail
+    result = run(program.format(target=target, existing=existing, outside=outside), sandbox_root, isolation=isolation)
+    if isolation == "unsafe-guard-only":
+        assert result.reason == "forbidden", result.detail
     assert not target.exists()
     assert existing.read_text() == "keep me"
     assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
 
 
-def test_files_inside_the_working_dir_are_fine(roots: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("isolation", ["jail", "unsafe-guard-only"])
+def test_files_inside_the_working_dir_are_fine(roots: tuple[Path, Path], isolation: str) -> None:
+    """Scratch files, renames, chdir and symlinks inside the work folder are harmless and pass in both modes."""
     program = (
         "import os, tempfile, shutil\n"
         "open('a.txt', 'w').write('x')\nos.rename('a.txt', 'b.txt')\nos.remove('b.txt')\n"
         "with tempfile.TemporaryDirectory() as d:\n    open(os.path.join(d, 'c'), 'w').write('y')\n"
-        "os.makedirs('d/e')\nshutil.rmtree('d')\n"
+        "os.makedirs('d/e')\nos.symlink('d', 'link')\nos.symlink('e', 'd/rel')\n"
+        "os.chdir('link/e')\nopen('f', 'w').write('z')\nos.chdir('../..')\n"
+        "assert open('d/e/f').read() == 'z' and os.path.islink('link')\n"
+        "shutil.rmtree('d')\nos.remove('link')\n"
     )
-    assert run(program, roots[0]).reason == "passed"
+    result = run(program, roots[0], isolation=isolation)
+    assert result.reason == "passed", result.detail
 
 
-def test_fork_bomb_is_contained(roots: tuple[Path, Path]) -> None:
+def test_fork_bomb_is_refused_by_the_guard(roots: tuple[Path, Path]) -> None:
     program = "import os\nwhile True:\n    os.fork()\n"
-    result = run(program, roots[0])
+    result = run(program, roots[0], **GUARD)
     assert result.reason == "forbidden"
     program = "import multiprocessing\nmultiprocessing.Process(target=print).start()\n"
-    assert run(program, roots[0]).reason == "forbidden"
+    assert run(program, roots[0], **GUARD).reason == "forbidden"
 
 
 def _alive(pid: int) -> bool:
@@ -160,7 +192,7 @@ def test_process_group_is_killed_without_the_guard(roots: tuple[Path, Path]) -> 
         "while True:\n"
         "    pass\n"
     )
-    result = run(program, roots[0], timeout_s=1.0, guard=False)
+    result = run(program, roots[0], timeout_s=1.0, guard=False, **GUARD)
     assert result.reason == "timeout"
     pids = [int(line.split()[1]) for line in result.detail.splitlines() if line.startswith("child ")]
     assert len(pids) == 4
@@ -187,29 +219,31 @@ def _accepted(server: socket.socket) -> bool:
     return True
 
 
-def test_network_is_blocked(roots: tuple[Path, Path], listener: socket.socket) -> None:
+@pytest.mark.parametrize(("isolation", "reason"), [("jail", "error"), ("unsafe-guard-only", "forbidden")])
+def test_network_is_blocked(roots: tuple[Path, Path], listener: socket.socket, isolation: str, reason: str) -> None:
     port = listener.getsockname()[1]
     program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'hi')\n"
-    assert run(program, roots[0]).reason == "forbidden"
+    result = run(program, roots[0], isolation=isolation)
+    assert result.reason == reason, result.detail
     assert not _accepted(listener)
 
 
 def test_kernel_isolation_without_the_guard(roots: tuple[Path, Path], listener: socket.socket) -> None:
-    """The network and mount namespaces hold on their own (where the kernel allows unprivileged namespaces)."""
-    layers = isolation_layers()
-    if not layers:
-        pytest.skip("no user / network namespaces here: only the guard isolates")
+    """Guard mode's best-effort unshare: the network and mount namespaces hold without the guard where it works."""
+    layers = isolation_layers("unsafe-guard-only")
+    if not {"net", "fs"} & set(layers):
+        pytest.skip("the kernel refuses unshare(CLONE_NEWUSER | CLONE_NEWNET) here: guard mode has only the guard")
     sandbox_root, outside = roots
     port = listener.getsockname()[1]
     program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-    result = run(program, sandbox_root, guard=False)
+    result = run(program, sandbox_root, guard=False, **GUARD)
     assert result.reason == "error" and "OSError" in result.detail and not _accepted(listener)
     if "fs" in layers:
         target = outside / "written.txt"
-        result = run(f"open('{target}', 'w').write('escaped')\n", sandbox_root, guard=False)
+        result = run(f"open('{target}', 'w').write('escaped')\n", sandbox_root, guard=False, **GUARD)
         assert result.reason == "error" and "Read-only file system" in result.detail
         assert not target.exists()
-        assert run("open('inside.txt', 'w').write('ok')\n", sandbox_root, guard=False).passed
+        assert run("open('inside.txt', 'w').write('ok')\n", sandbox_root, guard=False, **GUARD).passed
 
 
 def test_run_many_keeps_order(roots: tuple[Path, Path]) -> None:
@@ -292,8 +326,53 @@ def test_code_execution_needs_the_test_column() -> None:
         CodeExecution()(prompts=["p"], completions=["x = 1"], entry_point=["f"])
 
 
-def test_isolation_layers_reported() -> None:
-    layers = isolation_layers()
-    assert set(layers) <= {"net", "fs"}
-    if os.uname().sysname == "Linux" and layers:
-        assert "net" in layers
+def test_jail_layers_are_all_up() -> None:
+    """This machine (and CI: scripts/setup.sh installs bubblewrap) has every required layer of the jail."""
+    layers = check_isolation("jail")
+    assert set(REQUIRED_LAYERS) <= set(layers) <= set(REQUIRED_LAYERS) | set(HARDENING_LAYERS)
+    assert set(isolation_layers("unsafe-guard-only")) <= {"guard", "net", "fs"}
+    assert "guard" in isolation_layers("unsafe-guard-only")
+
+
+def test_missing_bubblewrap_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sandbox, "bwrap_executable", lambda: None)
+    with pytest.raises(IsolationError, match="bubblewrap.*apt-get install bubblewrap.*unsafe-guard-only"):
+        check_isolation("jail")
+    with pytest.raises(IsolationError, match="bubblewrap"):
+        run_python("pass\n")
+    with pytest.raises(IsolationError, match="bubblewrap"):
+        CodeExecution()(prompts=["p"], completions=["x = 1"], test=["assert x == 1"])
+    assert check_isolation("unsafe-guard-only")  # the weak mode is there, but only by name
+
+
+def test_missing_layer_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """E.g. no user namespaces: the jail does not silently degrade, it refuses and names what is missing."""
+    monkeypatch.setattr(sandbox, "isolation_layers", lambda isolation="jail": ("net", "mount", "ro-root"))
+    with pytest.raises(IsolationError, match=r"missing the layers \['user', 'uid', 'pid', 'ipc'\]"):
+        check_isolation("jail")
+    reward = CodeExecution()
+    with pytest.raises(IsolationError, match="unsafe-guard-only"):
+        reward(prompts=["p"], completions=["x = 1"], test=["assert x == 1"])
+
+
+def test_unknown_isolation_is_an_error() -> None:
+    with pytest.raises(ValueError, match="isolation must be one of"):
+        CodeExecution(isolation="none")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="isolation must be one of"):
+        run_python("pass\n", isolation="docker")
+
+
+def test_weak_mode_is_reported_at_every_step(caplog: pytest.LogCaptureFixture) -> None:
+    completions = [CORRECT_BODY, WRONG]
+    columns = {key: [value] * len(completions) for key, value in PROBLEM.items()}
+    weak = CodeExecution(timeout_s=TIMEOUT, max_workers=2, isolation="unsafe-guard-only")
+    for _ in range(2):
+        with caplog.at_level(logging.WARNING, logger="gcpo_lightning.rewards.code"):
+            caplog.clear()
+            assert weak(prompts=["p"] * 2, completions=completions, **columns) == [1.0, 0.0]
+        assert "without the jail" in caplog.text
+        assert weak.metrics() == {"passed": 0.5, "failed": 0.5, "isolation_weak": 1.0}
+    strong = CodeExecution(timeout_s=TIMEOUT, max_workers=2)
+    assert strong(prompts=["p"] * 2, completions=completions, **columns) == [1.0, 0.0]
+    assert strong.metrics() == {"passed": 0.5, "failed": 0.5, "isolation_weak": 0.0}
+    assert "seccomp" in strong.check() or "seccomp" not in HARDENING_LAYERS
