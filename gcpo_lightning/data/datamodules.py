@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from gcpo_lightning.data.loader import ResumableLoader
 from gcpo_lightning.data.presets import PresetName, get_preset
-from gcpo_lightning.data.sources import DataFiles, Source
+from gcpo_lightning.data.sources import DataError, DataFiles, Source
 from gcpo_lightning.data.tasks.arithmetic import ArithmeticTask, solve
 from gcpo_lightning.data.tasks.word_problems import WORD_PROBLEM_TEMPLATE, WordProblemTask
 from gcpo_lightning.data.tasks.word_problems import rows as word_problem_rows
@@ -26,10 +26,6 @@ from gcpo_lightning.policy.loading import load_tokenizer
 
 Row = dict[str, Any]
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """A data row is missing or malformed; the message names the source and the row."""
 
 
 def validate_rows(rows: list[Row], source: str, required: Iterable[str] = ("prompt",)) -> list[Row]:
@@ -364,7 +360,7 @@ class HFPromptDataModule(RowsDataModule):
         if self.max_prompt_tokens is None:
             return False
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer)
+            self._tokenizer = load_tokenizer(self.tokenizer, setting="tokenizer")
         return len(self._tokenizer(prompt, add_special_tokens=False)["input_ids"]) > self.max_prompt_tokens
 
     # ----- one split ---------------------------------------------------------------------------------------------
