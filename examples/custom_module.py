@@ -13,7 +13,7 @@ no reference model, no manual optimisation. The loss is the plain policy gradien
 from __future__ import annotations
 
 import argparse
-import importlib
+import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,14 +113,6 @@ class RunResult:
     log_dir: Path
 
 
-def import_object(path: str) -> Any:
-    """``package.module.name`` -> the object."""
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"expected an import path like my_rewards.brevity_reward, got {path!r}")
-    return getattr(importlib.import_module(module), name)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The example's knobs."""
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -133,7 +125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-completion-length", type=int, default=48, help="new tokens per completion")
     p.add_argument("--num-val", type=int, default=16, help="held-out questions scored after the last step")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
-    p.add_argument("--extra-reward", action="append", default=[], metavar="IMPORT.PATH",
+    p.add_argument("--extra-reward", action="append", default=[], metavar="IMPORT.PATH", type=pkgutil.resolve_name,
                    help="another reward function added after the accuracy; repeatable")
     p.add_argument("--log-dir", type=Path, default=Path("runs/custom_module"), help="CSV logs go here")
     p.add_argument("--seed", type=int, default=0)
@@ -145,7 +137,7 @@ def main(argv: list[str] | None = None) -> RunResult:
     args = parse_args(argv)
     L.seed_everything(args.seed)
     adjuster = CausalAdvantage(alpha=2.0) if args.adjuster == "causal" else GroupNormalizedAdvantage()
-    module = GroupReinforce(args.model, [arithmetic_accuracy, *(import_object(p) for p in args.extra_reward)],
+    module = GroupReinforce(args.model, [arithmetic_accuracy, *args.extra_reward],
                             adjuster, args.num_generations, args.max_completion_length, args.lr)
     data = ArithmeticDataModule(num_train=max(256, 2 * args.batch_size * args.steps), num_val=args.num_val,
                                 batch_size=args.batch_size, val_batch_size=args.num_val, seed=args.seed)

@@ -14,7 +14,7 @@ of any reward function (files in ``examples/`` are importable when the script is
 from __future__ import annotations
 
 import argparse
-import importlib
+import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from gcpo_lightning import (
     ReferenceKL,
 )
 from gcpo_lightning.interfaces.protocols import RewardFn
+from gcpo_lightning.policy.builder import PolicyBuilder
 from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy
 
 
@@ -60,19 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-val", type=int, default=16, help="held-out questions scored before and after")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--extra-reward", action="append", default=[], metavar="IMPORT.PATH",
+    p.add_argument("--extra-reward", action="append", default=[], metavar="IMPORT.PATH", type=pkgutil.resolve_name,
                    help="another reward function (weight 1), added after the accuracy; repeatable")
     p.add_argument("--log-dir", type=Path, default=Path("runs/plain_python"), help="CSV logs go here")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def import_object(path: str) -> Any:
-    """``package.module.name`` -> the object."""
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"expected an import path like my_rewards.brevity_reward, got {path!r}")
-    return getattr(importlib.import_module(module), name)
 
 
 def components(method: str) -> dict[str, Any]:
@@ -82,26 +75,25 @@ def components(method: str) -> dict[str, Any]:
                     kl=ReferenceKL(beta=0.04))
     return dict(
         graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1),  # M=2 collider outputs, K=1
-        adjuster=CausalAdvantage(alpha=2.0, similarity="cosine"),  # B_i = A_i * U_i (Eq. 11)
+        adjuster=CausalAdvantage(alpha=2.0),  # B_i = A_i * U_i (Eq. 11), cosine similarity (the default)
         kl=CausalProjectedKL(beta=0.04, kappa=0.06),  # reference KL + causally projected KL (Eq. 12-13)
     )
 
 
 def build_module(args: argparse.Namespace) -> GCPOModule:
     """The system: the policy, the rewards (accuracy first, so it is the reported accuracy) and the components."""
-    rewards: list[RewardFn] = [arithmetic_accuracy, *(import_object(p) for p in args.extra_reward)]
+    rewards: list[RewardFn] = [arithmetic_accuracy, *args.extra_reward]
     lr, weight_decay = args.lr, args.weight_decay
 
     def optimizer(params: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     return GCPOModule(
-        model_name_or_path=args.model,
+        policy_builder=PolicyBuilder(args.model, use_chat_template=False),
         reward_funcs=rewards,
         sampler=GroupSampler(temperature=1.0, max_completion_length=args.max_completion_length),
         num_generations=args.num_generations,
         optimizer=optimizer,
-        use_chat_template=False,
         log_completions_every_n_steps=0,
         **components(args.method),
     )
@@ -134,7 +126,7 @@ def main(argv: list[str] | None = None) -> RunResult:
     trainer = build_trainer(args)
     trainer.fit(module, data)
     result = RunResult(
-        accuracy_before=float(module.baseline_accuracy),
+        accuracy_before=float(module.evaluation.baseline_accuracy),
         accuracy_after=float(trainer.callback_metrics["val/accuracy"]),
         module=module,
         log_dir=Path(trainer.logger.log_dir),

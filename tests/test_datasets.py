@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gcpo_lightning.data.datamodules import DataError, HFPromptDataModule, WordProblemDataModule
-from gcpo_lightning.data.presets import gsm8k_final_answer, last_boxed
+from gcpo_lightning.data.presets import GSM8K, HUMANEVAL, MATH, PRESETS, GSM8KPreset, Preset, PresetName, get_preset
 from gcpo_lightning.data.tasks.word_problems import TEMPLATES, WordProblemTask, write_word_problems
 
 SAMPLES = Path(__file__).parents[1] / "gcpo_lightning" / "assets" / "samples"
@@ -143,15 +143,107 @@ def test_math500_style_answer_column_wins(tmp_path):
     ("\\boxed{unclosed {", None),
     ("no box", None),
 ])
-def test_last_boxed_handles_nested_braces(text, expected):
-    assert last_boxed(text) == expected
+def test_math_answer_is_the_last_box_with_nested_braces(text, expected):
+    if expected is None:
+        with pytest.raises(ValueError, match="no answer"):
+            MATH.derive({"solution": text})
+    else:
+        assert MATH.derive({"solution": text}) == {"answer": expected}
 
 
-def test_gsm8k_final_answer_keeps_non_numbers():
-    assert gsm8k_final_answer("... \n#### -1,234.5 ") == "-1234.5"
-    assert gsm8k_final_answer("#### 12 apples") == "12 apples"
+@pytest.mark.parametrize(("text", "expected"), [
+    # the presets once had their own box parser; one parser (the reward side's) now reads both, and these are the
+    # inputs where the two differed:
+    ("\\boxed{5} and then \\boxed{}", None),  # an empty last box is no answer (not the box before it)
+    ("\\boxed{\\boxed{3}}", "\\boxed{3}"),  # the top-level box's content (the grader unwraps the inner box)
+    ("\\boxed{a\\\\}b}", "a\\\\"),  # ``\\\\`` is an escaped backslash, so the brace after it closes the box
+])
+def test_math_answer_where_the_old_parser_differed(text, expected):
+    test_math_answer_is_the_last_box_with_nested_braces(text, expected)
+
+
+def test_gsm8k_answer_keeps_non_numbers():
+    assert GSM8K.derive({"solution": "... \n#### -1,234.5 "}) == {"answer": "-1234.5"}
+    assert GSM8K.derive({"solution": "#### 12 apples"}) == {"answer": "12 apples"}
+    assert GSM8K.derive({"solution": "#### 1,2345"}) == {"answer": "1,2345"}  # not a thousands separator
     with pytest.raises(ValueError, match="empty"):
-        gsm8k_final_answer("x ####  ")
+        GSM8K.derive({"solution": "x ####  "})
+    with pytest.raises(ValueError, match="no '#### <answer>' line"):
+        GSM8K.derive({"solution": "the answer is 3"})
+
+
+def test_gsm8k_answer_drops_the_separators_the_grader_drops():
+    # the reward side's thousands rule is the one kept: it also knows a sign and LaTeX separators
+    assert GSM8K.derive({"solution": "#### +1,234"}) == {"answer": "+1234"}
+    assert GSM8K.derive({"solution": "#### 1{,}234"}) == {"answer": "1234"}
+    assert GSM8K.derive({"solution": "#### 1\\,234,567"}) == {"answer": "1234567"}
+
+
+# ----- presets as classes --------------------------------------------------------------------------------------
+
+
+def test_builtin_presets_by_name_and_by_instance():
+    assert set(PresetName.__args__) == set(PRESETS)
+    assert get_preset("gsm8k") is GSM8K and get_preset(MATH) is MATH and get_preset(None) == Preset()
+    assert isinstance(GSM8K, GSM8KPreset) and HUMANEVAL.prompt_column == "prompt"
+    with pytest.raises(ValueError, match="unknown dataset preset 'gsm9k'"):
+        get_preset("gsm9k")
+
+
+def test_a_preset_instance_equals_its_name(tmp_path):
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(6)]
+    files = write_jsonl(tmp_path / "g.jsonl", rows)
+    by_name = HFPromptDataModule(data_files=files, preset="gsm8k", val_size=2)
+    by_instance = HFPromptDataModule(data_files=files, preset=GSM8KPreset(), val_size=2)
+    by_name.setup("fit")
+    by_instance.setup("fit")
+    assert all_rows(by_name) == all_rows(by_instance)
+
+
+CUSTOM_PRESET = """
+from dataclasses import dataclass, field
+
+from gcpo_lightning.data.presets import Preset
+
+
+@dataclass(frozen=True)
+class ShortAnswerPreset(Preset):
+    prompt_column: str = "query"
+    prompt_template: str = "Q: {question}"
+    columns: dict[str, str] = field(default_factory=lambda: {"reply": "reply"})
+
+    def derive(self, row):
+        if "=" not in row["reply"]:
+            raise ValueError("no '=' in the reply")
+        return {"answer": row["reply"].rsplit("=", 1)[1].strip()}
+"""
+
+
+@pytest.fixture
+def custom_preset(tmp_path, monkeypatch) -> str:
+    """A user's preset module on ``sys.path`` (the package is not edited); returns the data file it reads."""
+    (tmp_path / "my_presets.py").write_text(CUSTOM_PRESET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = [{"query": f"{i} + 2?", "reply": f"{i} + 2 = {i + 2}"} for i in range(5)] + [{"query": "?", "reply": "x"}]
+    return write_jsonl(tmp_path / "short.jsonl", rows)
+
+
+def test_custom_preset_subclass_given_by_class_path(custom_preset, capsys):
+    from gcpo_lightning.cli import main
+
+    preset = '{"class_path": "my_presets.ShortAnswerPreset", "init_args": {"prompt_template": "Question: {question}"}}'
+    argv = ["--data", "gcpo_lightning.HFPromptDataModule", "--data.preset", preset, "--data.data_files",
+            custom_preset, "--data.val_size", "2", "--data.skip_bad_rows", "true", "--trainer.logger", "false"]
+    dm = main(argv, run=False).datamodule
+    assert type(dm.preset).__name__ == "ShortAnswerPreset" and dm.prompt_column == "query"
+    dm.setup("fit")
+    assert min(all_rows(dm), key=lambda r: r["answer"]) == {
+        "reply": "0 + 2 = 2", "question": "0 + 2?", "answer": "2", "prompt": "Question: 0 + 2?"}
+    assert len(all_rows(dm)) == 5 and sum(dm.skipped.values()) == 1  # derive's ValueError skips the bad row
+    with pytest.raises(SystemExit):
+        main(["fit", *argv, "--print_config"])
+    printed = capsys.readouterr().out
+    assert "class_path: my_presets.ShortAnswerPreset" in printed and "prompt_column: query" in printed
 
 
 # ----- length filters, splits, shuffling -----------------------------------------------------------------------

@@ -16,7 +16,7 @@ from gcpo_lightning.evaluation.records import (
     read_problem_results,
     write_problem_results,
 )
-from gcpo_lightning.functional.pass_at_k import majority_correct, pass_at_k, pass_at_k_tensor
+from gcpo_lightning.functional.pass_at_k import majority_correct, pass_at_k_tensor
 
 
 def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
@@ -25,8 +25,18 @@ def brute_force_pass_at_k(n: int, c: int, k: int) -> float:
     return sum(any(i < c for i in s) for s in subsets) / len(subsets)
 
 
+def closed_form_pass_at_k(n: int, c: int, k: int) -> float:
+    """``1 - C(n - c, k) / C(n, k)`` with exact big-int binomials and one final division."""
+    return 1 - math.comb(n - c, k) / math.comb(n, k)
+
+
 def row(correct_positions: list[int], n: int) -> list[bool]:
     return [i in correct_positions for i in range(n)]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The estimator for one problem with ``c`` of ``n`` samples correct (the first ``c``)."""
+    return pass_at_k_tensor(torch.tensor([row(list(range(c)), n)]), k).item()
 
 
 # ----- pass@k ------------------------------------------------------------------------------------------------------
@@ -56,25 +66,35 @@ def test_pass_at_k_matches_brute_force_enumeration():
                 assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
 
 
+def test_pass_at_k_matches_the_closed_form_on_a_grid():
+    for n in (*range(1, 17), 20, 32, 50, 64, 100):
+        # every c of a problem at once: row c has its first c samples correct
+        correct = torch.arange(n).unsqueeze(0) < torch.arange(n + 1).unsqueeze(1)  # [n + 1, n]
+        for k in sorted({min(j, n) for j in (1, 2, 3, n // 4 or 1, n // 2 or 1, n - 1 or 1, n)}):
+            expected = torch.tensor([closed_form_pass_at_k(n, c, k) for c in range(n + 1)], dtype=torch.float64)
+            got = pass_at_k_tensor(correct, k)
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15, msg=f"n={n}, k={k}")
+            assert got[0].item() == 0.0 and got[n - k + 1 :].eq(1.0).all(), (n, k)  # exact at both ends
+
+
 def test_pass_at_k_numerically_stable_for_large_n():
     n, c, k = 200, 3, 100
-    exact = 1 - math.comb(n - c, k) / math.comb(n, k)  # big-int binomials, one final float division
-    assert pass_at_k(n, c, k) == pytest.approx(exact, rel=1e-12)
+    exact = closed_form_pass_at_k(n, c, k)
     correct = torch.tensor([row([0, 5, 9], n)])
     assert pass_at_k_tensor(correct, k).item() == pytest.approx(exact, rel=1e-12)
 
 
-@pytest.mark.parametrize("n, c, k", [(3, 1, 4), (3, 1, 0), (3, 4, 1), (0, 0, 1), (3, -1, 1)])
-def test_pass_at_k_rejects_bad_arguments(n: int, c: int, k: int):
+@pytest.mark.parametrize("n, k", [(3, 4), (3, 0), (0, 1)])
+def test_pass_at_k_rejects_bad_arguments(n: int, k: int):
     with pytest.raises(ValueError):
-        pass_at_k(n, c, k)
+        pass_at_k_tensor(torch.zeros(2, n, dtype=torch.bool), k)
 
 
-def test_pass_at_k_tensor_matches_scalar_version():
+def test_pass_at_k_takes_numbers_and_checks_its_shape():
     torch.manual_seed(0)
     correct = torch.rand(40, 7) < torch.rand(40, 1)  # [P, n], varied success rates
     for k in range(1, 8):
-        expected = [pass_at_k(7, int(c), k) for c in correct.sum(-1)]
+        expected = [closed_form_pass_at_k(7, int(c), k) for c in correct.sum(-1)]
         torch.testing.assert_close(pass_at_k_tensor(correct, k), torch.tensor(expected, dtype=torch.float64))
     # numbers work too (non-zero = correct)
     torch.testing.assert_close(pass_at_k_tensor(correct.float(), 3), pass_at_k_tensor(correct, 3))

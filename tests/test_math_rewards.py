@@ -104,8 +104,8 @@ def test_rewards_work_off_the_main_thread() -> None:
     assert huge == [0.0]
 
 
-def test_rewards_without_math_verify(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(math_answers, "math_verify", None)
+def test_rewards_when_math_verify_cannot_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(math_answers, "_mv_parse", lambda text: ())  # the hand-written fallback decides
     golds = ["0.5", "1/2", "1/3", "7", "1234", "1234"]
     assert MathAccuracy()(prompts=[""] * 6, completions=COMPLETIONS, answer=golds) == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
 

@@ -13,7 +13,7 @@ from test_module import fit, make_module
 from gcpo_lightning import ArithmeticDataModule
 from gcpo_lightning.cli import main
 from gcpo_lightning.evaluation.records import read_problem_results
-from gcpo_lightning.functional.pass_at_k import pass_at_k
+from gcpo_lightning.functional.pass_at_k import pass_at_k_tensor
 from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy
 
 
@@ -43,7 +43,7 @@ def test_validate_reports_sampled_metrics_and_writes_each_problem(tiny_model_dir
     assert [r.index for r in records] == list(range(6))  # two batches, one file, every problem once
     for r in records:  # every record is consistent with its own samples
         assert len(r.completions) == 4 and len(r.extracted) == 4
-        assert r.pass_at["pass@2"] == pytest.approx(pass_at_k(4, sum(r.correct), 2))
+        assert r.pass_at["pass@2"] == pytest.approx(pass_at_k_tensor(torch.tensor([r.correct]), 2).item())
         assert r.majority == r.correct[r.extracted.index(max(r.extracted, key=r.extracted.count))]
     mean = sum(sum(r.correct) / 4 for r in records) / 6
     assert metrics["val/pass@1"] == pytest.approx(mean)

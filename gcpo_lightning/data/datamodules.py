@@ -16,7 +16,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from gcpo_lightning.data.loader import ResumableLoader
-from gcpo_lightning.data.presets import PresetName, get_preset
+from gcpo_lightning.data.presets import Preset, PresetName, get_preset
 from gcpo_lightning.data.sources import DataError, DataFiles, Source
 from gcpo_lightning.data.tasks.arithmetic import ArithmeticTask, solve
 from gcpo_lightning.data.tasks.word_problems import WORD_PROBLEM_TEMPLATE, WordProblemTask
@@ -195,8 +195,9 @@ class HFPromptDataModule(RowsDataModule):
 
     Each row holds ``prompt`` (the user message: the question in ``prompt_template``; the model applies its chat
     template and system prompt), ``question`` (the raw question) and the mapped and derived columns the rewards
-    read. A ``preset`` (``gsm8k``, ``math``, ``humaneval``; see :mod:`gcpo_lightning.data.presets`) sets the defaults of
-    ``prompt_column``, ``prompt_template`` and ``columns`` and derives the answer; explicit arguments override it.
+    read. A ``preset`` (a :class:`~gcpo_lightning.data.presets.Preset`, or a built-in's name: ``gsm8k``, ``math``,
+    ``humaneval``; see :mod:`gcpo_lightning.data.presets`) sets the defaults of ``prompt_column``, ``prompt_template``
+    and ``columns`` and derives the answer; explicit arguments override it.
 
     Validation rows come from ``val_data_files``, else from ``val_path``/``val_split``, else ``val_size`` rows
     are split off the training rows. Test rows come from ``test_data_files`` or ``test_path``/``test_split``,
@@ -218,7 +219,9 @@ class HFPromptDataModule(RowsDataModule):
         batch_size: prompts per training step.
         val_batch_size: prompts per validation (and test) batch.
         seed: seeds the shuffling of training and validation rows (and the training dataloader).
-        preset: dataset format: ``gsm8k``, ``math`` or ``humaneval``; ``None`` reads plain question/answer rows.
+        preset: dataset format: a built-in's name (``gsm8k``, ``math``, ``humaneval``) or a
+            :class:`~gcpo_lightning.data.presets.Preset` (in YAML: ``class_path``/``init_args``, e.g. a subclass
+            that overrides ``derive``); ``None`` reads plain question/answer rows.
         config_name: the dataset configuration (e.g. ``main`` for ``openai/gsm8k``).
         val_path: dataset of the validation split (default: ``path``), e.g. ``HuggingFaceH4/MATH-500``.
         val_split: split of ``val_path`` used for validation.
@@ -250,7 +253,7 @@ class HFPromptDataModule(RowsDataModule):
         batch_size: int = 16,
         val_batch_size: int = 100,
         seed: int = 0,
-        preset: PresetName | None = None,
+        preset: Preset | PresetName | None = None,
         config_name: str | None = None,
         val_path: str | None = None,
         val_split: str | None = None,
@@ -270,7 +273,7 @@ class HFPromptDataModule(RowsDataModule):
         self.preset = preset
         self.prompt_column = prompt_column or fmt.prompt_column
         self.prompt_template = self._template(prompt_template, preset, fmt.prompt_template)
-        self.columns = {**fmt.columns, **(columns or {})} if preset else dict(columns or fmt.columns)
+        self.columns = {**fmt.columns, **(columns or {})} if preset is not None else dict(columns or fmt.columns)
         self.optional_columns = {k: v for k, v in fmt.optional_columns.items() if k not in self.columns}
         self.derive = fmt.derive
         self.train_source = Source.make(path, data_files, train_split, config_name)
@@ -285,7 +288,7 @@ class HFPromptDataModule(RowsDataModule):
         self._check_settings()
 
     @staticmethod
-    def _template(given: str | None, preset: str | None, preset_template: str) -> str:
+    def _template(given: str | None, preset: Preset | str | None, preset_template: str) -> str:
         """``given``, else the preset's template.
 
         With a preset, the embedded task's template counts as not given: the CLI's default data module is

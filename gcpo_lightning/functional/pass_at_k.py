@@ -8,60 +8,31 @@ import torch
 from torch import Tensor
 
 
-def _check_pass_at_k_args(n: int, c: int, k: int) -> None:
-    """Raise a ``ValueError`` unless ``0 <= c <= n`` and ``1 <= k <= n``."""
-    if n < 1:
-        raise ValueError(f"pass@k needs at least one sample per problem, got n={n}")
-    if not 0 <= c <= n:
-        raise ValueError(f"the number of correct samples must be in [0, n={n}], got c={c}")
-    if not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 1 <= k <= n (samples per problem); got k={k}, n={n}. "
-                         f"Generate at least k samples per problem or lower k.")
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased pass@k estimator ``1 - C(n - c, k) / C(n, k)`` (Chen et al., 2021).
-
-    Computed stably, without large binomials, as ``1 - prod_{i = n - c + 1}^{n} (1 - k / i)``; when
-    ``n - c < k`` every ``k``-subset contains a correct sample and the result is exactly ``1.0``.
-
-    Args:
-        n: samples generated for the problem.
-        c: how many of them are correct.
-        k: the budget; ``1 <= k <= n``.
-
-    Returns:
-        The estimate, in ``[0, 1]``. At ``k = 1`` it is ``c / n``.
-
-    Raises:
-        ValueError: when ``k > n``, ``k < 1``, ``n < 1`` or ``c`` is outside ``[0, n]``.
-    """
-    _check_pass_at_k_args(n, c, k)
-    if n - c < k:
-        return 1.0
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
-
-
 def pass_at_k_tensor(correct: Tensor, k: int) -> Tensor:
-    """:func:`pass_at_k` for a batch of problems.
+    """The unbiased pass@k estimator ``1 - C(n - c, k) / C(n, k)`` (Chen et al., 2021) for a batch of problems.
+
+    Computed stably, without large binomials, as ``1 - prod_{i = n - c + 1}^{n} (1 - k / i)`` in float64; when
+    ``n - c < k`` every ``k``-subset contains a correct sample and the result is exactly ``1.0`` (the factor at
+    ``i = k`` is exactly 0). At ``k = 1`` it is ``c / n``.
 
     Args:
         correct: ``[P, n]`` per-sample correctness (bool, or numbers where non-zero means correct).
         k: the budget; ``1 <= k <= n``.
 
     Returns:
-        ``[P]`` float64 pass@k estimates, on ``correct``'s device.
+        ``[P]`` float64 pass@k estimates in ``[0, 1]``, on ``correct``'s device.
 
     Raises:
-        ValueError: when ``correct`` is not 2-D or ``k`` is outside ``[1, n]``.
+        ValueError: when ``correct`` is not 2-D, has no samples, or ``k`` is outside ``[1, n]``.
     """
     if correct.dim() != 2:
         raise ValueError(f"correct must be [P, n], got shape {tuple(correct.shape)}")
     n = correct.shape[1]
-    _check_pass_at_k_args(n, 0, k)
+    if n < 1:
+        raise ValueError(f"pass@k needs at least one sample per problem, got n={n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n (samples per problem); got k={k}, n={n}. "
+                         f"Generate at least k samples per problem or lower k.")
     c = correct.bool().sum(-1, keepdim=True)  # [P, 1]
     i = torch.arange(1, n + 1, device=correct.device, dtype=torch.float64)  # [n]
     # factor (1 - k/i) for i in (n - c, n]; it is 0 at i = k, so n - c < k gives exactly 1 - 0 = 1.

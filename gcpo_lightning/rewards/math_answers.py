@@ -1,14 +1,15 @@
 r"""Math answers: find the final answer in a text and decide whether two answers are mathematically equal.
 
 Equivalence is decided by Hugging Face's `math-verify <https://github.com/huggingface/Math-Verify>`_ (``parse`` and
-``verify``), with a small hand-written fallback used when math-verify is not installed or cannot parse an answer.
+``verify``), with a small hand-written fallback used when math-verify cannot parse an answer (or fails on it).
 
 Rules (tested in ``tests/test_math_answers.py``):
 
 * **Prediction extraction** (:func:`extract_prediction`), first rule that applies:
 
-  1. the content of the **last** top-level ``\boxed{...}`` (or ``\fbox{...}``). Earlier boxes are ignored, so boxing
-     several candidates does not earn a reward unless the last one is right. (math-verify alone would read
+  1. the content of the **last** top-level ``\boxed{...}`` (or ``\fbox{...}``; also MATH's unbraced ``\boxed 5``,
+     up to the next space or ``$``). Earlier boxes are ignored, so boxing several candidates does not earn a reward
+     unless the last one is right, and an empty last box is no answer. (math-verify alone would read
      ``\boxed{1}, \boxed{2}`` as the set ``{1, 2}``; we do not.)
   2. the text after the last ``Answer:`` / ``answer is`` / ``final answer is`` marker, up to the end of that line
      (the first ``$...$`` / ``\(...\)`` chunk if the line has one, else up to the end of the sentence);
@@ -48,10 +49,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Literal
 
-try:
-    import math_verify
-except ImportError:  # pragma: no cover - the fallback is tested by monkeypatching this name to None
-    math_verify = None
+import math_verify
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +78,7 @@ class ParsedAnswer:
 
     Args:
         text: the normalised answer text, e.g. ``"\\frac{3}{4}"``.
-        parsed: math-verify's parse results (SymPy objects and strings); empty when math-verify is missing or failed.
+        parsed: math-verify's parse results (SymPy objects and strings); empty when math-verify failed.
     """
 
     text: str
@@ -89,7 +87,8 @@ class ParsedAnswer:
 
 # ----- finding the answer in a text ----------------------------------------------------------------------------
 
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)(?:\s*\{| \s*([^\s${][^\s$]*))")
+"""``\\boxed{`` (group 1 ``None``; the match ends after the brace) or unbraced ``\\boxed 5`` (group 1: ``5``)."""
 _MARKER_RE = re.compile(r"\b(?:final\s+)?answer\s*(?:is\b\s*:?|:|=)", re.IGNORECASE)
 _MATH_CHUNK_RE = re.compile(r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]")
 _SENTENCE_END_RE = re.compile(r"[;!?]|\.(?!\d)")
@@ -114,6 +113,10 @@ def _matching_brace(text: str, open_pos: int) -> int | None:
 def boxed_contents(text: str) -> list[str]:
     r"""The contents of the top-level ``\boxed{...}`` groups of ``text``, left to right.
 
+    ``\fbox{...}`` counts as a box, and so does MATH's unbraced ``\boxed 5`` (its content: the text up to the next
+    whitespace or ``$``). A backslash escapes the character after it (``\{`` is no brace; ``\\`` is one escaped
+    backslash).
+
     Args:
         text: any text; an unclosed ``\boxed{`` ends the scan.
 
@@ -123,6 +126,10 @@ def boxed_contents(text: str) -> list[str]:
     contents: list[str] = []
     pos = 0
     while match := _BOXED_RE.search(text, pos):
+        if match.group(1) is not None:
+            contents.append(match.group(1))
+            pos = match.end()
+            continue
         end = _matching_brace(text, match.end() - 1)
         if end is None:
             break
@@ -218,8 +225,10 @@ _UNIT_TEXT_RE = re.compile(
 
 
 def _unwrap_boxed(text: str) -> str:
-    r"""``\boxed{X}`` -> ``X`` when the box spans the whole text."""
+    r"""``\boxed{X}`` (or ``\boxed X``) -> ``X`` when the box spans the whole text."""
     match = _BOXED_RE.match(text)
+    if match and match.group(1) is not None:
+        return match.group(1) if match.end() == len(text) else text
     if match and _matching_brace(text, match.end() - 1) == len(text) - 1:
         return text[match.end() : -1]
     return text
@@ -240,8 +249,12 @@ def _strip_decoration(text: str) -> str:
     return re.sub(r"^\\?\$\s*(?=[-+.\d])", "", text)
 
 
-def _strip_thousands(text: str) -> str:
-    """``1,234,567.5`` -> ``1234567.5`` when the whole text is one number with thousands separators."""
+def strip_thousands(text: str) -> str:
+    """``1,234,567.5`` -> ``1234567.5`` when the whole text is one number with thousands separators.
+
+    The separators are ``,``, ``{,}`` and ``\\,``; a sign is kept (``-1,234`` -> ``-1234``). Any other text, such as
+    ``1,2345``, ``1,2`` (a set) or ``12 apples``, is returned unchanged.
+    """
     match = _THOUSANDS_RE.fullmatch(text)
     if not match:
         return text
@@ -267,7 +280,7 @@ _NORMALISERS: tuple[Callable[[str], str], ...] = (
     _unwrap_boxed,
     _unwrap_delimiters,
     _strip_decoration,
-    _strip_thousands,
+    strip_thousands,
     _strip_units,
     _wrap_words,
 )
@@ -339,8 +352,8 @@ def _usable(parsed: tuple[Any, ...]) -> bool:
 
 
 def _mv_parse(text: str) -> tuple[Any, ...]:
-    """math-verify's parse of one answer text, or ``()`` if math-verify is missing or fails."""
-    if math_verify is None or not text:
+    """math-verify's parse of one answer text, or ``()`` if it fails."""
+    if not text:
         return ()
     config = [math_verify.LatexExtractionConfig(), math_verify.ExprExtractionConfig()]
     try:
@@ -351,8 +364,8 @@ def _mv_parse(text: str) -> tuple[Any, ...]:
 
 
 def _mv_verify(prediction: ParsedAnswer, gold: ParsedAnswer) -> bool | None:
-    """math-verify's verdict, or ``None`` when it is unavailable, could not parse either side, or failed."""
-    if math_verify is None or not (_usable(gold.parsed) and _usable(prediction.parsed)):
+    """math-verify's verdict, or ``None`` when it could not (safely) parse either side, or failed."""
+    if not (_usable(gold.parsed) and _usable(prediction.parsed)):
         return None
     try:
         return bool(math_verify.verify(list(gold.parsed), list(prediction.parsed), timeout_seconds=timeout_seconds()))
