@@ -37,6 +37,7 @@ from gcpo_lightning import (  # noqa: E402
     GroupSampler,
 )
 from gcpo_lightning.components.scoring.logprobs import score_completions  # noqa: E402
+from gcpo_lightning.policy.builder import PolicyBuilder  # noqa: E402
 from gcpo_lightning.policy.quantization import QuantizationConfig, count_4bit_linears, model_memory_bytes  # noqa: E402
 
 RESULTS: list[tuple[str, bool, str]] = []
@@ -56,11 +57,11 @@ def check(name: str) -> Callable:
     return wrap
 
 
-def gcpo_module(**kwargs) -> GCPOModule:
-    return GCPOModule(model_name_or_path="tiny-arith", sampler=GroupSampler(max_completion_length=48),
+def gcpo_module(**builder_kwargs) -> GCPOModule:
+    return GCPOModule(policy_builder=PolicyBuilder("tiny-arith", **builder_kwargs), sampler=GroupSampler(max_completion_length=48),
                       graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1),
                       adjuster=CausalAdvantage(), kl=CausalProjectedKL(max_ratio=10.0), num_generations=8,
-                      log_completions_every_n_steps=0, **kwargs)
+                      log_completions_every_n_steps=0)
 
 
 def fit(module: GCPOModule, steps: int = 3, **trainer_kwargs) -> tuple[L.Trainer, float]:

@@ -75,24 +75,11 @@ if TYPE_CHECKING:
     from gcpo_lightning.components.penalties.causal_kl import CausalProjectedKL
     from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
     from gcpo_lightning.components.sampling.group_sampler import GroupSampler
-    from gcpo_lightning.data.datamodules import ArithmeticDataModule
-    from gcpo_lightning.data.datamodules import HFPromptDataModule
-    from gcpo_lightning.data.datamodules import WordProblemDataModule
-    from gcpo_lightning.interfaces.containers import Advantages
-    from gcpo_lightning.interfaces.containers import CausalGraph
-    from gcpo_lightning.interfaces.containers import Penalty
-    from gcpo_lightning.interfaces.containers import PolicyModels
-    from gcpo_lightning.interfaces.containers import Rollout
-    from gcpo_lightning.interfaces.containers import Scores
-    from gcpo_lightning.interfaces.protocols import CausalGraphBuilder
-    from gcpo_lightning.interfaces.protocols import ProjectedKL
-    from gcpo_lightning.interfaces.protocols import RewardAdjuster
-    from gcpo_lightning.interfaces.protocols import RewardFn
-    from gcpo_lightning.interfaces.protocols import Sampler
+    from gcpo_lightning.data.datamodules import ArithmeticDataModule, HFPromptDataModule, WordProblemDataModule
+    from gcpo_lightning.interfaces.containers import Advantages, CausalGraph, Penalty, PolicyModels, Rollout, Scores
+    from gcpo_lightning.interfaces.protocols import CausalGraphBuilder, ProjectedKL, RewardAdjuster, RewardFn, Sampler
     from gcpo_lightning.module import GCPOModule
     from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy
     from gcpo_lightning.rewards.code import CodeExecution
-    from gcpo_lightning.rewards.math import MathAccuracy
-    from gcpo_lightning.rewards.math import TagFormat
-    from gcpo_lightning.training.callbacks import CheckpointOnSigterm
-    from gcpo_lightning.training.callbacks import HFExport
+    from gcpo_lightning.rewards.math import MathAccuracy, TagFormat
+    from gcpo_lightning.training.callbacks import CheckpointOnSigterm, HFExport

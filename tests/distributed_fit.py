@@ -34,6 +34,7 @@ from gcpo_lightning import (  # noqa: E402
     GCPOModule,
     GroupSampler,
 )
+from gcpo_lightning.policy.builder import PolicyBuilder  # noqa: E402
 from gcpo_lightning.policy.lora import LoRAConfig  # noqa: E402
 from gcpo_lightning.policy.quantization import QuantizationConfig, count_4bit_linears  # noqa: E402
 from gcpo_lightning.policy.sharding import full_state_dict  # noqa: E402
@@ -90,7 +91,14 @@ def main() -> None:
     adjuster = RecordingAdvantage(alpha=2.0, scale_rewards="batch")
     RecordingAdvantage.out = out
     module = GCPOModule(
-        model_name_or_path=args.model,
+        policy_builder=PolicyBuilder(
+            args.model,
+            logits_chunk_size=args.logits_chunk_size,
+            lora=LoRAConfig(r=4) if args.lora else None,
+            reference_quantization=QuantizationConfig() if args.reference_4bit else None,
+            quantization=QuantizationConfig() if args.qlora else None,
+            fsdp_param_dtype=args.fsdp_param_dtype,
+        ),
         reward_funcs=[length_reward],
         sampler=GroupSampler(max_completion_length=8),
         graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1, max_candidate_tokens=8),
@@ -100,11 +108,6 @@ def main() -> None:
         eval_num_samples=2,
         micro_batch_size=4,
         log_completions_every_n_steps=0,
-        logits_chunk_size=args.logits_chunk_size,
-        lora=LoRAConfig(r=4) if args.lora else None,
-        reference_quantization=QuantizationConfig() if args.reference_4bit else None,
-        quantization=QuantizationConfig() if args.qlora else None,
-        fsdp_param_dtype=args.fsdp_param_dtype,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0),
     )
     adjuster.module = module

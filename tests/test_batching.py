@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gcpo_lightning.training.batching import micro_batches, mini_batches
+from gcpo_lightning.functional.batching import micro_batches, mini_batches
 
 
 def test_mini_batches_hold_whole_groups_and_cover_the_rollout():

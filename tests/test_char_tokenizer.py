@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import gcpo_lightning
 from gcpo_lightning.components.graphs.prompts import CONTEXT_TEMPLATE, INTEGRATION_TEMPLATE, render_candidates
 from gcpo_lightning.data.tasks import ArithmeticTask
-from gcpo_lightning.rewards.arithmetic import is_correct
 from gcpo_lightning.data.templates import PROMPT_TEMPLATE
 from gcpo_lightning.policy.char_tokenizer import CHARACTERS, SPECIAL_TOKENS, build_char_tokenizer
+from gcpo_lightning.rewards.arithmetic import is_correct
 
 ASSET = Path(gcpo_lightning.__file__).parent / "assets" / "tiny-arith"
 

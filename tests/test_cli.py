@@ -78,7 +78,7 @@ def test_bad_setting_from_yaml_names_it(capsys):
 
 
 def test_fit_then_validate_from_the_command_line(tiny_model_dir, tmp_path):
-    common = ["--config", "configs/grpo.yaml", f"--model.model_name_or_path={tiny_model_dir}",
+    common = ["--config", "configs/grpo.yaml", f"--model.policy_builder.model_name_or_path={tiny_model_dir}",
               "--model.num_generations=2", "--model.sampler.init_args.max_completion_length=6",
               "--data.init_args.num_val=4", "--data.init_args.batch_size=2", "--data.init_args.num_train=16",
               "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}"]

@@ -58,12 +58,13 @@ def test_min_new_tokens_suppresses_early_eos(tiny_model_dir):
 
 
 def test_sampler_generate_fallback_matches_the_loop_greedily(tiny_model_dir):
+    from gcpo_lightning.components.sampling.backends import HFGenerate
     from gcpo_lightning.components.sampling.group_sampler import GroupSampler
     from gcpo_lightning.interfaces.containers import PolicyModels
 
     models = PolicyModels(load_causal_lm(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)))
     prompts = ["Problem: 1+2\nSolution:", "Problem: 3+4+5-6\nSolution:"]
     loop = GroupSampler(max_completion_length=8).sample(models, prompts, 2, greedy=True)
-    hf = GroupSampler(max_completion_length=8, use_generate=True).sample(models, prompts, 2, greedy=True)
+    hf = GroupSampler(max_completion_length=8, backend=HFGenerate()).sample(models, prompts, 2, greedy=True)
     assert loop.completions == hf.completions
     torch.testing.assert_close(loop.old_logps * loop.completion_mask, hf.old_logps * hf.completion_mask)

@@ -72,7 +72,7 @@ def test_custom_reward_through_the_cli(tiny_model_dir, tmp_path):
     command = [
         sys.executable, "-m", "gcpo_lightning", "fit",
         "--config", str(REPO / "configs/grpo.yaml"), "--config", str(EXAMPLES / "custom_reward.yaml"),
-        "--model.model_name_or_path", str(tiny_model_dir), "--model.num_generations", "2",
+        "--model.policy_builder.model_name_or_path", str(tiny_model_dir), "--model.num_generations", "2",
         "--model.sampler.init_args.max_completion_length", "8",
         "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.enable_checkpointing", "false",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -17,10 +17,12 @@ from gcpo_lightning import (
     IndependentResponses,
     ReferenceKL,
 )
+from gcpo_lightning.components.adjusters.similarity import Euclidean, Gaussian
+from gcpo_lightning.components.aggregation import ConstantNormalizer, SequenceMean, TokenMean
+from gcpo_lightning.functional.batching import micro_batches
 from gcpo_lightning.functional.causal import causal_target, causal_weights, projected_reference_probs
 from gcpo_lightning.functional.losses import k3
-from gcpo_lightning.interfaces.containers import CausalGraph
-from gcpo_lightning.training.batching import micro_batches
+from gcpo_lightning.interfaces.containers import CausalGraph, PenaltyInputs
 
 
 class _Rollout:
@@ -63,7 +65,7 @@ def test_equal_rewards_give_zero_causal_advantage():
     assert out.values.abs().max().item() == 0.0
 
 
-@pytest.mark.parametrize(("similarity", "expected"), [("euclidean", 1 / (1 + 1.0)), ("gaussian", math.exp(-0.5))])
+@pytest.mark.parametrize(("similarity", "expected"), [(Euclidean(), 1 / (1 + 1.0)), (Gaussian(1.0), math.exp(-0.5))])
 def test_other_similarities(similarity, expected):
     # z = (1, 1), target = (2, 2): distance sqrt(2), D = 2 -> distance / sqrt(D) = 1
     # euclidean: 1 / (1 + 1) = 0.5;  gaussian (sigma 1): exp(-2 / (2 * 2)) = exp(-0.5)
@@ -112,8 +114,8 @@ def test_builder_contexts_hold_the_right_nodes(tiny_model_dir):
     B, N = 2, 2 * G
     assert len(graph.integrated) == B and all(len(y) == M for y in graph.integrated)
     assert graph.context_representations.shape == (N, M, rollout.hidden.shape[1])
-    assert graph.extras["context_ids"].shape[:2] == (N, M)
-    assert len(graph.extras["context_completions"]) == N * M * K
+    assert graph.context_ids.shape[:2] == (N, M)
+    assert len(graph.context_samples) == N * M * K
     for b in range(B):
         for i in range(G):
             for l_ in range(M):
@@ -205,11 +207,11 @@ def test_shared_prefix_context_probs_equal_plain(tiny_model_dir):
     torch.testing.assert_close(shared[mask], plain[mask], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_micro_batches_accumulate_to_the_full_gradient(tiny_model_dir, loss_type):
+@pytest.mark.parametrize("loss", [SequenceMean(), TokenMean(), ConstantNormalizer()], ids=lambda a: a.name)
+def test_micro_batches_accumulate_to_the_full_gradient(tiny_model_dir, loss):
     """Splitting a step into micro-batches gives the full batch's gradient (GCPO components, causal KL on x_i)."""
     kwargs = dict(graph_builder=ColliderGraphBuilder(num_integrated=2), adjuster=CausalAdvantage(),
-                  kl=CausalProjectedKL(), num_generations=3, loss_type=loss_type)
+                  kl=CausalProjectedKL(), num_generations=3, loss=loss)
     full, micro = make_module(tiny_model_dir, **kwargs), make_module(tiny_model_dir, micro_batch_size=2, **kwargs)
     rollout, models = _rollout(full, G=3)
     graph = full.graph_builder.build(rollout, models, full.sampler)
@@ -221,10 +223,9 @@ def test_micro_batches_accumulate_to_the_full_gradient(tiny_model_dir, loss_type
         module.configure_model()
         module.policy.load_state_dict(full.policy.state_dict())
         module.policy.zero_grad()
-        for index, weight in micro_batches(rollout.completion_mask, module.micro_batch_size, loss_type == "dapo"):
-            loss, *_ = module.compute_loss(rollout.select(index), adv[index], {k: v[index] for k, v in prepared.items()},
-                                           module.models())
-            (loss * weight).backward()
+        for index, weight in module.loss.micro_batches(rollout.completion_mask, module.micro_batch_size):
+            value, _ = module.compute_loss(rollout.select(index), adv[index], prepared.select(index), module.models())
+            (value * weight).backward()
         grads.append({n: p.grad.clone() for n, p in module.policy.named_parameters()})
     assert len(micro_batches(rollout.completion_mask, micro.micro_batch_size, False)) == 3
     for name in grads[0]:
@@ -239,7 +240,7 @@ def test_causal_ratio_cap_bounds_the_penalty_and_its_gradient():
     # p'_ref = 0.5, pi_theta(y | x_i) = 0.001: u = 500, k3 = 500 - ln 500 - 1 = 492.785
     # capped at max_ratio 10: k3(10) = 10 - ln 10 - 1 = 6.697415, and no gradient through the capped token
     logps_x = torch.full((1, 1), math.log(0.001), requires_grad=True)
-    prepared = {"causal_ref_logps": torch.full((1, 1), math.log(0.5)), "causal_clamped": torch.zeros(1, 1, dtype=torch.bool)}
+    prepared = PenaltyInputs(causal_ref_logps=torch.full((1, 1), math.log(0.5)), causal_clamped=torch.zeros(1, 1, dtype=torch.bool))
     rollout = SimpleNamespace(completion_mask=torch.ones(1, 1))
     for cap, expected in [(None, 500 - math.log(500) - 1), (10.0, 10 - math.log(10) - 1)]:
         kl = CausalProjectedKL(beta=0.0, kappa=1.0, policy_context="query", max_ratio=cap)

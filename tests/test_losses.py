@@ -59,7 +59,7 @@ def test_policy_loss_with_penalty():
     adv = torch.tensor([1.0, -2.0])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     penalty = torch.tensor([[0.1, 0.3], [0.2, 0.0]])
-    loss, ratio = policy_loss(logps, logps, adv, mask, penalty, 0.2, 0.2, "grpo", 2)
+    loss, ratio = policy_loss(logps, logps, adv, mask, penalty, 0.2, 0.2, sequence_mean, 2)
     assert loss.item() == pytest.approx(0.7)
     torch.testing.assert_close(ratio, torch.ones_like(ratio))
 
@@ -80,6 +80,6 @@ def test_clip_fractions_count_only_gradient_removing_clips():
 def test_policy_loss_gradient_direction():
     # With ratio 1 and A > 0, d(loss)/d(logp) = -A / T for each token (grpo), pushing log-probs up.
     logps = torch.log(torch.tensor([[0.5, 0.5]])).requires_grad_(True)
-    loss, _ = policy_loss(logps, logps.detach(), torch.tensor([2.0]), torch.ones(1, 2), None, 0.2, 0.2, "grpo", 2)
+    loss, _ = policy_loss(logps, logps.detach(), torch.tensor([2.0]), torch.ones(1, 2), None, 0.2, 0.2, sequence_mean, 2)
     loss.backward()
     torch.testing.assert_close(logps.grad, torch.tensor([[-1.0, -1.0]]))

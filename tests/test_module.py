@@ -12,6 +12,7 @@ from custom_components import length_reward, raising_reward, short_reward
 from lightning.pytorch.loggers import CSVLogger
 
 from gcpo_lightning import ArithmeticDataModule, GCPOModule, GroupSampler, ReferenceKL
+from gcpo_lightning.policy.builder import PolicyBuilder
 from gcpo_lightning.policy.loading import load_causal_lm
 from gcpo_lightning.rewards.base import RewardError
 
@@ -20,9 +21,14 @@ def no_decay(params):
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
 
 
+BUILDER_ARGS = {"model_kwargs", "gradient_checkpointing", "lora", "quantization", "reference_quantization",
+                "fsdp_param_dtype", "use_chat_template", "system_prompt", "logits_chunk_size"}
+
+
 def make_module(model_dir: Path, **kwargs) -> GCPOModule:
+    builder = {k: kwargs.pop(k) for k in list(kwargs) if k in BUILDER_ARGS}
     defaults = dict(
-        model_name_or_path=str(model_dir),
+        policy_builder=PolicyBuilder(str(model_dir), **builder),
         reward_funcs=[length_reward],
         sampler=GroupSampler(max_completion_length=8),
         kl=ReferenceKL(beta=0.04),
@@ -95,7 +101,7 @@ def test_non_finite_loss_is_skipped_and_counted(tiny_model_dir, tmp_path, monkey
     before = load_causal_lm(str(tiny_model_dir)).state_dict()
     module = make_module(tiny_model_dir)
     trainer = fit(module, tmp_path, steps=2)
-    assert module.skipped_steps == 2
+    assert module.skips.total == 2
     assert all(torch.equal(before[k], v) for k, v in module.policy.state_dict().items())
     assert max(float(r["skipped_steps"]) for r in logged_rows(trainer) if r.get("skipped_steps")) == 2.0
 
@@ -114,7 +120,7 @@ def test_too_many_consecutive_skips_stop_training(tiny_model_dir, tmp_path, monk
         (dict(num_generations=4, mini_batch_size=6), "multiple of num_generations"),
         (dict(num_iterations=0), "num_iterations"),
         (dict(reward_weights=[1.0, 2.0]), "reward_weights has 2 entries for 1 functions"),
-        (dict(loss_type="ppo"), "loss_type"),
+        (dict(loss="ppo"), "loss must be a LossAggregation"),
         (dict(epsilon=0.0), "epsilon"),
     ],
 )
@@ -124,7 +130,7 @@ def test_bad_settings_fail_in_init(tiny_model_dir, kwargs, message):
 
 
 def test_rollout_batch_not_divisible_by_mini_batch(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("gcpo_lightning.module.load_causal_lm", _no_model_load)
+    monkeypatch.setattr("gcpo_lightning.policy.builder.load_causal_lm", _no_model_load)
     module = make_module(tiny_model_dir, num_generations=4, mini_batch_size=8)
     with pytest.raises(ValueError, match="not divisible by mini_batch_size"):
         fit(module, tmp_path, batch_size=3)
@@ -137,7 +143,7 @@ def _no_model_load(*args, **kwargs):
 @pytest.mark.parametrize(("fn", "message"), [(raising_reward, "'raising_reward' raised KeyError"),
                                               (short_reward, "'short_reward' returned 1 values for 2 completions")])
 def test_bad_reward_function_is_named_before_the_model_loads(tiny_model_dir, tmp_path, fn, message, monkeypatch):
-    monkeypatch.setattr("gcpo_lightning.module.load_causal_lm", _no_model_load)
+    monkeypatch.setattr("gcpo_lightning.policy.builder.load_causal_lm", _no_model_load)
     module = make_module(tiny_model_dir, reward_funcs=[fn])
     with pytest.raises(RewardError, match=message):
         fit(module, tmp_path, steps=1)

@@ -54,8 +54,8 @@ from gcpo_lightning.components.penalties.reference_kl import ReferenceKL  # noqa
 from gcpo_lightning.components.sampling.group_sampler import completion_mask_from_eos, eos_ids  # noqa: E402
 from gcpo_lightning.components.scoring.logprobs import score_completions  # noqa: E402
 from gcpo_lightning.functional.advantages import group_normalize  # noqa: E402
-from gcpo_lightning.functional.losses import clip_fractions, policy_loss  # noqa: E402
-from gcpo_lightning.interfaces.containers import PolicyModels, Rollout, Scores  # noqa: E402
+from gcpo_lightning.functional.losses import LOSS_TYPES, clip_fractions, policy_loss  # noqa: E402
+from gcpo_lightning.interfaces.containers import PenaltyInputs, PolicyModels, Rollout, Scores  # noqa: E402
 from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer  # noqa: E402
 
 G = 4  # num_generations
@@ -156,12 +156,12 @@ def both_losses(trainer, loss_type: str, beta: float, eps_high: float, ratio_wei
     scores = score_completions(model, **batch, temperature=TEMPERATURE)
     rollout = Rollout(prompts=[], completions=[""] * N, group_size=G, old_logps=old, **batch)
     models = PolicyModels(policy=model, tokenizer=trainer.processing_class, temperature=TEMPERATURE)
-    penalty = ReferenceKL(beta=beta).penalty(scores, rollout, {"ref_logps": ref}, models)
+    penalty = ReferenceKL(beta=beta).penalty(scores, rollout, PenaltyInputs(ref_logps=ref), models)
     per_token_penalty = penalty.per_token
     if ratio_weighted_penalty:
         per_token_penalty = per_token_penalty * torch.exp(scores.logps - old)
     loss, ratio = policy_loss(scores.logps, old, advantages, mask.float(), per_token_penalty, EPSILON, eps_high,
-                              loss_type, T)
+                              LOSS_TYPES[loss_type], T)
     loss.backward()
     clips = clip_fractions(ratio.detach(), advantages, mask.float(), EPSILON, eps_high)
     return trl_loss, trl_grads, loss, grads(model), clips, penalty

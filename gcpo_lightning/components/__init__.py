@@ -2,13 +2,13 @@
 
 Importing this package imports every built-in component, so that LightningCLI resolves their short class names."""
 
-from gcpo_lightning.components.sampling.group_sampler import GroupSampler
-from gcpo_lightning.components.graphs.independent import IndependentResponses
-from gcpo_lightning.components.graphs.collider import ColliderGraphBuilder
-from gcpo_lightning.components.adjusters.group_normalized import GroupNormalizedAdvantage
 from gcpo_lightning.components.adjusters.causal import CausalAdvantage
-from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
+from gcpo_lightning.components.adjusters.group_normalized import GroupNormalizedAdvantage
+from gcpo_lightning.components.graphs.collider import ColliderGraphBuilder
+from gcpo_lightning.components.graphs.independent import IndependentResponses
 from gcpo_lightning.components.penalties.causal_kl import CausalProjectedKL
+from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
+from gcpo_lightning.components.sampling.group_sampler import GroupSampler
 
 __all__ = [
     "CausalAdvantage",

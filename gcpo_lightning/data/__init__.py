@@ -2,10 +2,10 @@
 
 from gcpo_lightning.data.datamodules import (
     ArithmeticDataModule,
-    HFPromptDataModule,
-    WordProblemDataModule,
-    RowsDataModule,
     DataError,
+    HFPromptDataModule,
+    RowsDataModule,
+    WordProblemDataModule,
 )
 
 __all__ = ["ArithmeticDataModule", "DataError", "HFPromptDataModule", "RowsDataModule", "WordProblemDataModule"]

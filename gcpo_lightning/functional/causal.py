@@ -1,4 +1,8 @@
-"""GCPO's causal maths as pure tensor functions: the projected target and weights (Eq. 11), the projected reference (Eq. 13)."""
+"""GCPO's causal maths as pure tensor functions.
+
+The causally projected target and the weights ``U_i`` (paper Eq. 11), the similarities they may use, and the
+causally projected reference probability (Eq. 13). Shapes: ``N`` completions, ``M`` contexts, ``D`` hidden size.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +14,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def cosine(z: Tensor, target: Tensor, sigma: float) -> Tensor:
+def cosine(z: Tensor, target: Tensor) -> Tensor:
     """``cos(z, target)`` per row, in ``[-1, 1]`` (the paper's choice).  ``[N, D], [N, D] -> [N]``."""
     return F.cosine_similarity(z, target, dim=-1)
 
 
-def euclidean(z: Tensor, target: Tensor, sigma: float) -> Tensor:
+def euclidean(z: Tensor, target: Tensor) -> Tensor:
     """``1 / (1 + ||z - target|| / sqrt(D))``, in ``(0, 1]``. **[decision]** the paper names no formula."""
     return 1.0 / (1.0 + (z - target).norm(dim=-1) / math.sqrt(z.shape[-1]))
 
 
-def gaussian(z: Tensor, target: Tensor, sigma: float) -> Tensor:
+def gaussian(z: Tensor, target: Tensor, sigma: float = 1.0) -> Tensor:
     """``exp(-||z - target||^2 / (2 sigma^2 D))``, in ``(0, 1]``. **[decision]** the paper names no formula."""
     return torch.exp(-(z - target).pow(2).sum(-1) / (2 * sigma**2 * z.shape[-1]))
 
 
-SIMILARITIES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
-    "cosine": cosine,
-    "euclidean": euclidean,
-    "gaussian": gaussian,
-}
 
 
 def group_mean(x: Tensor, group_size: int) -> Tensor:
@@ -58,10 +57,9 @@ def causal_target(z: Tensor, context_reps: Tensor | None, group_size: int) -> Te
     return zbar_x - zbar_phi + zbar
 
 
-def causal_weights(z: Tensor, target: Tensor, alpha: float, similarity: str = "cosine", sigma: float = 1.0) -> Tensor:
-    """``U_i = alpha * sim(z_i, target_i)``.  ``[N, D], [N, D] -> [N]``."""
-    return alpha * SIMILARITIES[similarity](z.float(), target.float(), sigma)
-
+def causal_weights(z: Tensor, target: Tensor, alpha: float, similarity: Callable[[Tensor, Tensor], Tensor] = cosine) -> Tensor:
+    """``U_i = alpha * sim(z_i, target_i)``, computed in fp32.  ``[N, D], [N, D] -> [N]``."""
+    return alpha * similarity(z.float(), target.float())
 
 def weight_stats(u: Tensor) -> dict[str, float]:
     """Distribution of the causal weights (the paper does not clip them, so watch them)."""

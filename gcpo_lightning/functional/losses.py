@@ -83,13 +83,13 @@ def policy_loss(
     penalty: Tensor | None,
     epsilon_low: float,
     epsilon_high: float,
-    loss_type: str,
+    aggregate: Aggregation,
     max_completion_length: int,
 ) -> tuple[Tensor, Tensor]:
     """``-J``: the aggregated negative clipped surrogate plus the (already weighted) per-token penalty.
 
     ``J = agg[surr - penalty]`` with ``penalty = beta*KL_ref (+ kappa*KL_causal for GCPO)``, the paper's
-    Eq. 10/12 when ``loss_type="grpo"``.
+    Eq. 10/12 with ``aggregate=sequence_mean`` (TRL's ``grpo``); ``LOSS_TYPES`` maps TRL's names to aggregations.
 
     Returns:
         ``(loss, ratio)`` with ``ratio`` ``[N, T]`` for clip statistics.
@@ -98,7 +98,7 @@ def policy_loss(
     per_token = -clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high)  # [N, T]
     if penalty is not None:
         per_token = per_token + penalty
-    return LOSS_TYPES[loss_type](per_token, mask, max_completion_length), ratio
+    return aggregate(per_token, mask, max_completion_length), ratio
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> float:

@@ -7,7 +7,7 @@ Shape legend used throughout the package: ``B`` prompts, ``G`` group size (``num
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -96,7 +96,9 @@ class CausalGraph:
     integrated: list[list[str]] | None = None  # [B][M] integrated outputs y_{n,l}
     context_prompts: list[list[list[str]]] | None = None  # [B][G][M] rendered contexts x_{i,l}
     context_representations: Tensor | None = None  # [N, M, D] Zbar_{i,l}: mean rep of K samples per context
-    extras: dict[str, Any] = field(default_factory=dict)  # builder-specific tensors (e.g. context token ids)
+    context_ids: Tensor | None = None  # [N, M, Px] left-padded token ids of the contexts x_{i,l}
+    context_mask: Tensor | None = None  # [N, M, Px] 1 for real context tokens
+    context_samples: list[str] | None = None  # [N*M*K] the samples O_{i,l,k}, candidate-major
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -132,6 +134,26 @@ class Penalty:
 
     per_token: Tensor  # [N, T]
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PenaltyInputs:
+    """What a penalty prepares once per rollout, without gradients (``ProjectedKL.prepare``).
+
+    Every tensor has leading dimension ``N`` (one row per completion), so :meth:`select` cuts the mini- and
+    micro-batches of the update. A custom penalty subclasses this dataclass to add its own tensor fields.
+    """
+
+    ref_logps: Tensor | None = None  # [N, T] log pi_ref(y_t | q, y_<t) (Eq. 7)
+    causal_ref_logps: Tensor | None = None  # [N, T] log p'_ref, the causally projected reference (Eq. 13)
+    causal_clamped: Tensor | None = None  # [N, T] bool: p'_ref was clamped into [min_prob, 1]
+    context_ids: Tensor | None = None  # [N, Px] the context x_i = x_{i,0} pi_theta is scored on (Eq. 12)
+    context_mask: Tensor | None = None  # [N, Px]
+
+    def select(self, index: Tensor) -> PenaltyInputs:
+        """The rows at ``index`` of every tensor field (other fields are kept as they are)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v[index] for k, v in values.items() if isinstance(v, Tensor)})
 
 
 @dataclass

@@ -7,11 +7,19 @@ in YAML and checks signatures at parse time. Your own component only needs the s
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from gcpo_lightning.interfaces.containers import Advantages, CausalGraph, Penalty, PolicyModels, Rollout, Scores
+from gcpo_lightning.interfaces.containers import (
+    Advantages,
+    CausalGraph,
+    Penalty,
+    PenaltyInputs,
+    PolicyModels,
+    Rollout,
+    Scores,
+)
 
 RewardFn = Callable[..., Sequence[float | None]]
 """A reward function: ``fn(prompts=[...], completions=[...], **columns) -> one float per completion``.
@@ -69,12 +77,12 @@ class ProjectedKL(Protocol):
         """Whether a frozen reference model must be built (False skips building one)."""
         ...
 
-    def prepare(self, rollout: Rollout, graph: CausalGraph, models: PolicyModels) -> dict[str, Tensor]:
-        """No-grad work done once per rollout (e.g. reference log-probs). Every tensor has leading dim ``N``."""
+    def prepare(self, rollout: Rollout, graph: CausalGraph, models: PolicyModels) -> PenaltyInputs:
+        """No-grad work done once per rollout (e.g. reference log-probs); every tensor has leading dim ``N``."""
         ...
 
     def penalty(
-        self, scores: Scores, rollout: Rollout, prepared: dict[str, Any], models: PolicyModels
+        self, scores: Scores, rollout: Rollout, prepared: PenaltyInputs, models: PolicyModels
     ) -> Penalty:
         """The weighted per-token penalty ``[N, T]`` for the (mini-batch) ``rollout`` under the current policy."""
         ...

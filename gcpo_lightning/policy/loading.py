@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 SHIPPED = {"tiny-arith": ASSETS / "tiny-arith"}
 """Models shipped inside the package, usable by name without any download."""
 

@@ -1,9 +1,9 @@
 """Reward functions ``fn(prompts, completions, **columns) -> list[float]`` and how they are combined."""
 
-from gcpo_lightning.rewards.base import compute_rewards, reward_name, RewardError
 from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy, arithmetic_format
-from gcpo_lightning.rewards.math import MathAccuracy, TagFormat
+from gcpo_lightning.rewards.base import RewardError, compute_rewards, reward_name
 from gcpo_lightning.rewards.code import CodeExecution
+from gcpo_lightning.rewards.math import MathAccuracy, TagFormat
 
 __all__ = [
     "CodeExecution",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from gcpo_lightning.functional.losses import LOSS_TYPES
 from gcpo_lightning.rewards.base import compute_rewards
 
 GOLD_CHECK_ROWS = 2000
@@ -28,17 +27,12 @@ def settings_errors(m: Any) -> list[str]:
     if m.eval_num_samples < 1 or any(not 1 <= k <= m.eval_num_samples for k in m.eval_pass_at or []):
         errors.append(f"eval_num_samples must be >= 1 and every eval_pass_at k in [1, eval_num_samples], got "
                       f"eval_num_samples={m.eval_num_samples}, eval_pass_at={m.eval_pass_at}")
-    if m.quantization is not None and m.lora is None:
-        errors.append("quantization (a 4-bit policy) needs lora: 4-bit weights cannot be trained directly "
-                      "(use reference_quantization for a 4-bit reference)")
-    if m.logits_chunk_size is not None and m.logits_chunk_size < 1:
-        errors.append(f"logits_chunk_size must be >= 1, got {m.logits_chunk_size}")
     if m.micro_batch_size is not None and m.micro_batch_size < 1:
         errors.append(f"micro_batch_size must be >= 1, got {m.micro_batch_size}")
     if not (0 < m.epsilon < 1) or m.epsilon_high <= 0:
         errors.append(f"epsilon must be in (0, 1) and epsilon_high > 0, got {m.epsilon}, {m.epsilon_high}")
-    if m.loss_type not in LOSS_TYPES:
-        errors.append(f"loss_type must be one of {sorted(LOSS_TYPES)}, got {m.loss_type!r}")
+    if not callable(m.loss) or not hasattr(m.loss, "micro_batches"):
+        errors.append(f"loss must be a LossAggregation (SequenceMean, TokenMean, ConstantNormalizer), got {m.loss!r}")
     if not m.reward_funcs:
         errors.append("reward_funcs is empty")
     if len(m.reward_weights) != len(m.reward_funcs):
@@ -77,3 +71,12 @@ def dry_run_rewards(funcs: list[Any], weights: list[float], row: dict[str, Any])
     """
     columns = {k: [v, v] for k, v in row.items() if k != "prompt"}
     compute_rewards(funcs, weights, [row["prompt"]] * 2, ["", " ?"], columns)
+
+
+def check_fits(m: Any, dm: Any) -> None:
+    """Let a graph builder with long contexts check (``check_fits``) that the longest question fits the model."""
+    rows = getattr(dm, "train_rows", None)
+    check = getattr(m.graph_builder, "check_fits", None)  # optional: builders with long contexts have it
+    if rows and check is not None:
+        question = max((r.get("question", r["prompt"]) for r in rows[:1000]), key=len)
+        check(m.models(), question, m.num_generations, m.sampler.max_completion_length)

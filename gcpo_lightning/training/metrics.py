@@ -1,13 +1,19 @@
-"""What a training step reports about its rollout: reward spread, completion lengths, each reward function."""
+"""What a training step reports: phase timings, reward spread, completion lengths, each reward function."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from torch import Tensor
+import lightning as L
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from gcpo_lightning.functional.advantages import frac_zero_std
 from gcpo_lightning.interfaces.containers import Rollout
+from gcpo_lightning.rewards.base import reward_name
 
 
 def unique_names(names: list[str]) -> list[str]:
@@ -48,3 +54,35 @@ def reward_fn_metrics(funcs: list[Any], reward_names: list[str]) -> dict[str, fl
         if callable(report):
             out.update({f"rewards/{name}/{key}": float(value) for key, value in report().items()})
     return out
+
+
+@contextmanager
+def timed(metrics: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to ``metrics[f"timing/{name}"]``."""
+    start = time.perf_counter()
+    yield
+    metrics[f"timing/{name}"] = metrics.get(f"timing/{name}", 0.0) + time.perf_counter() - start
+
+
+class StepLogger(nn.Module):
+    """Logs a training step: ``reward`` and ``accuracy`` on the progress bar, and every other metric per step.
+
+    A child ``nn.Module`` of the system, so its running means follow the module's device.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reward, self.accuracy = MeanMetric(), MeanMetric()
+
+    def log(self, module: L.LightningModule, rollout: Rollout, rewards: Tensor, per_func: Tensor,
+            metrics: dict[str, float]) -> None:
+        """Log the step (rewards of all ranks: ``[W*N]`` and ``[W*N, F]``)."""
+        funcs = module.reward_funcs
+        self.reward(rewards)
+        self.accuracy(per_func[:, module.accuracy_reward])
+        module.log("reward", self.reward, prog_bar=True, on_step=True, on_epoch=False)
+        module.log("accuracy", self.accuracy, prog_bar=True, on_step=True, on_epoch=False)
+        names = [reward_name(fn) for fn in funcs]
+        metrics.update(rollout_metrics(rollout, rewards, per_func, names))
+        metrics.update(reward_fn_metrics(funcs, names))
+        module.log_dict(metrics, on_step=True, on_epoch=False)

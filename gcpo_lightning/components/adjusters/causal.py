@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import Tensor
 
+from gcpo_lightning.components.adjusters.similarity import Cosine, Similarity
 from gcpo_lightning.functional.advantages import ScaleRewards, advantage_stats, group_normalize
-from gcpo_lightning.functional.causal import SIMILARITIES, causal_target, causal_weights, weight_stats
+from gcpo_lightning.functional.causal import causal_target, causal_weights, weight_stats
 from gcpo_lightning.interfaces.containers import Advantages, CausalGraph, Rollout
 from gcpo_lightning.interfaces.protocols import RewardAdjuster
-
-Similarity = Literal["cosine", "euclidean", "gaussian"]
-
-
 
 
 class CausalAdvantage(RewardAdjuster):
@@ -25,9 +20,9 @@ class CausalAdvantage(RewardAdjuster):
 
     Args:
         alpha: the weight scale (the paper uses 2).
-        similarity: ``cosine`` (the paper's), ``euclidean`` or ``gaussian`` (the paper reports negligible
-            differences; the formulas of the last two are our decision, see ``docs/algorithm.md``).
-        sigma: bandwidth of the Gaussian similarity (on distances divided by ``sqrt(D)``).
+        similarity: ``sim(z, target) -> [N]``: :class:`Cosine` (the paper's), :class:`Euclidean` or
+            :class:`Gaussian` (the paper reports negligible differences; the formulas of the last two are our
+            decision, see ``docs/algorithm.md``), or any callable of the same signature.
         scale_rewards: how ``A`` is normalised, as in :class:`GroupNormalizedAdvantage`.
         eps: added to the standard deviation of ``A``.
     """
@@ -35,16 +30,14 @@ class CausalAdvantage(RewardAdjuster):
     def __init__(
         self,
         alpha: float = 2.0,
-        similarity: Similarity = "cosine",
-        sigma: float = 1.0,
+        similarity: Similarity | None = None,
         scale_rewards: ScaleRewards = "group",
         eps: float = 1e-4,
     ) -> None:
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"CausalAdvantage: similarity must be one of {sorted(SIMILARITIES)}, got {similarity!r}")
-        if sigma <= 0:
-            raise ValueError(f"CausalAdvantage: sigma must be > 0, got {sigma}")
-        self.alpha, self.similarity, self.sigma = alpha, similarity, sigma
+        if similarity is not None and not callable(similarity):
+            raise ValueError(f"CausalAdvantage: similarity must be callable (z, target) -> [N], got {similarity!r}")
+        self.alpha = alpha
+        self.similarity = Cosine() if similarity is None else similarity
         self.scale_rewards, self.eps = scale_rewards, eps
 
     def adjust(
@@ -55,6 +48,6 @@ class CausalAdvantage(RewardAdjuster):
             raise ValueError("CausalAdvantage needs candidate representations; the sampler must score the rollout")
         adv = group_normalize(rewards, rollout.group_size, self.scale_rewards, self.eps, batch_rewards)  # [N]
         target = causal_target(graph.representations, graph.context_representations, rollout.group_size)  # [N, D]
-        u = causal_weights(graph.representations, target, self.alpha, self.similarity, self.sigma)  # [N]
+        u = causal_weights(graph.representations, target, self.alpha, self.similarity)  # [N]
         values = adv * u.to(adv.device)  # [N]
         return Advantages(values=values, metrics={**advantage_stats(values), **weight_stats(u)})

@@ -149,12 +149,9 @@ class ColliderGraphBuilder(CausalGraphBuilder):
             integrated=integrated,
             context_prompts=contexts,
             context_representations=reps.view(N, M, K, D).mean(2),  # [N, M, D] Zbar_{i,l}
-            extras={
-                "context_ids": enc["input_ids"].to(device).view(N, M, -1),  # [N, M, Px] left-padded x_{i,l}
-                "context_mask": enc["attention_mask"].to(device).view(N, M, -1),  # [N, M, Px]
-                "integrated_completions": integ.completions,
-                "context_completions": samples.completions,
-            },
+            context_ids=enc["input_ids"].to(device).view(N, M, -1),  # [N, M, Px] left-padded x_{i,l}
+            context_mask=enc["attention_mask"].to(device).view(N, M, -1),  # [N, M, Px]
+            context_samples=samples.completions,  # [N*M*K] O_{i,l,k}
             metrics=metrics,
         )
 

@@ -10,7 +10,7 @@ Per token of candidate ``y_i``::
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -20,7 +20,7 @@ from gcpo_lightning.components.scoring.logprobs import score_completions, score_
 from gcpo_lightning.components.scoring.prefix_sharing import shared_prefix_logps
 from gcpo_lightning.functional.causal import projected_reference_probs
 from gcpo_lightning.functional.losses import k3, masked_mean
-from gcpo_lightning.interfaces.containers import CausalGraph, Penalty, PolicyModels, Rollout, Scores
+from gcpo_lightning.interfaces.containers import CausalGraph, Penalty, PenaltyInputs, PolicyModels, Rollout, Scores
 from gcpo_lightning.interfaces.protocols import ProjectedKL
 
 PolicyContext = Literal["context", "query"]
@@ -28,7 +28,7 @@ PolicyContext = Literal["context", "query"]
 
 def context_probs_shared(rollout: Rollout, graph: CausalGraph, models: PolicyModels, batch_size: int) -> Tensor:
     """As :func:`context_probs`, with each candidate's ``M`` contexts packed over their shared prefix.  ``[N, M, T]``."""
-    ids, mask = graph.extras["context_ids"], graph.extras["context_mask"].bool()  # [N, M, Px]
+    ids, mask = graph.context_ids, graph.context_mask.bool()  # [N, M, Px]
     N, M, _ = ids.shape
     contexts = [[ids[n, m][mask[n, m]].tolist() for m in range(M)] for n in range(N)]
     ys = [y[m.bool()].tolist() for y, m in zip(rollout.completion_ids, rollout.completion_mask)]
@@ -41,7 +41,7 @@ def context_probs_shared(rollout: Rollout, graph: CausalGraph, models: PolicyMod
 
 def context_probs(rollout: Rollout, graph: CausalGraph, models: PolicyModels, batch_size: int) -> Tensor:
     """``p(y_{i,t} | x_{i,l}, y_{i,<t})`` under the rollout policy for every candidate and context.  ``[N, M, T]``."""
-    ids, mask = graph.extras["context_ids"], graph.extras["context_mask"]  # [N, M, Px]
+    ids, mask = graph.context_ids, graph.context_mask  # [N, M, Px]
     N, M, _ = ids.shape
     scores = score_in_batches(
         models.policy,
@@ -107,45 +107,45 @@ class CausalProjectedKL(ProjectedKL):
         """A frozen reference is built only when ``beta > 0``."""
         return self.reference_kl.needs_reference
 
-    def prepare(self, rollout: Rollout, graph: CausalGraph, models: PolicyModels) -> dict[str, Tensor]:
+    def prepare(self, rollout: Rollout, graph: CausalGraph, models: PolicyModels) -> PenaltyInputs:
         """Reference log-probs and ``log p'_ref`` (no grad), once per rollout."""
         out = self.reference_kl.prepare(rollout, graph, models)  # ref_logps when beta > 0
         if self.kappa > 0:
-            if "context_ids" not in graph.extras:
+            if graph.context_ids is None or graph.context_mask is None:
                 raise ValueError("CausalProjectedKL with kappa > 0 needs the contexts of ColliderGraphBuilder")
             probs = context_probs_shared if self.share_prefix else context_probs
             p = probs(rollout, graph, models, self.batch_size)  # [N, M, T]
             p_ref, clamped = projected_reference_probs(p[:, 0], p.mean(1), rollout.old_logps.exp(), self.min_prob)
-            out["causal_ref_logps"] = p_ref.log()  # [N, T]
-            out["causal_clamped"] = clamped  # [N, T]
+            out.causal_ref_logps = p_ref.log()  # [N, T]
+            out.causal_clamped = clamped  # [N, T]
             if self.policy_context == "context":
-                out["x_ids"] = graph.extras["context_ids"][:, 0]  # [N, Px]: x_i = x_{i,0}
-                out["x_mask"] = graph.extras["context_mask"][:, 0]  # [N, Px]
+                out.context_ids = graph.context_ids[:, 0]  # [N, Px]: x_i = x_{i,0}
+                out.context_mask = graph.context_mask[:, 0]  # [N, Px]
         return out
 
-    def penalty(self, scores: Scores, rollout: Rollout, prepared: dict[str, Any], models: PolicyModels) -> Penalty:
+    def penalty(self, scores: Scores, rollout: Rollout, prepared: PenaltyInputs, models: PolicyModels) -> Penalty:
         """``beta * kl_ref + kappa * kl_causal`` per token, with both KLs and the clamped fraction logged."""
         mask = rollout.completion_mask
         reference = self.reference_kl.penalty(scores, rollout, prepared, models)  # beta * kl_ref
         per_token, metrics = reference.per_token, dict(reference.metrics)  # [N, T]
         if self.kappa > 0:
             logps_x = self.policy_logps_on_context(scores, rollout, prepared, models)  # [N, T], with grad
-            log_u = prepared["causal_ref_logps"] - logps_x  # [N, T] log(p'_ref / pi_theta)
+            log_u = prepared.causal_ref_logps - logps_x  # [N, T] log(p'_ref / pi_theta)
             if self.max_ratio is not None:
                 metrics["causal_ratio_capped_frac"] = masked_mean((log_u.detach() > math.log(self.max_ratio)).float(), mask)
                 log_u = log_u.clamp(max=math.log(self.max_ratio))
             kl_causal = k3(log_u)  # [N, T]
             per_token = per_token + self.kappa * kl_causal
             metrics["causal_kl"] = masked_mean(kl_causal.detach(), mask)
-            metrics["causal_clamped_frac"] = masked_mean(prepared["causal_clamped"].float(), mask)
+            metrics["causal_clamped_frac"] = masked_mean(prepared.causal_clamped.float(), mask)
         return Penalty(per_token=per_token, metrics=metrics)
 
     def policy_logps_on_context(
-        self, scores: Scores, rollout: Rollout, prepared: dict[str, Any], models: PolicyModels
+        self, scores: Scores, rollout: Rollout, prepared: PenaltyInputs, models: PolicyModels
     ) -> Tensor:
         """``log pi_theta(y_t | x_i, y_<t)`` (the paper), or the main pass's ``log pi_theta(y_t | q, y_<t)``."""
         if self.policy_context == "query":
             return scores.logps
-        return score_completions(models.policy, prepared["x_ids"], prepared["x_mask"], rollout.completion_ids,
+        return score_completions(models.policy, prepared.context_ids, prepared.context_mask, rollout.completion_ids,
                                  rollout.completion_mask, temperature=models.temperature,
                                  logits_chunk_size=models.logits_chunk_size).logps

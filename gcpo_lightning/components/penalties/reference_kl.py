@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from gcpo_lightning.components.scoring.logprobs import score_in_batches
 from gcpo_lightning.functional.losses import k3, masked_mean
-from gcpo_lightning.interfaces.containers import CausalGraph, Penalty, PolicyModels, Rollout, Scores
+from gcpo_lightning.interfaces.containers import CausalGraph, Penalty, PenaltyInputs, PolicyModels, Rollout, Scores
 from gcpo_lightning.interfaces.protocols import ProjectedKL
 
 
@@ -41,15 +39,15 @@ class ReferenceKL(ProjectedKL):
         """A reference model is needed only when ``beta > 0``."""
         return self.beta > 0
 
-    def prepare(self, rollout: Rollout, graph: CausalGraph, models: PolicyModels) -> dict[str, Tensor]:
-        """Reference log-probs of the rollout (empty when ``beta == 0``)."""
+    def prepare(self, rollout: Rollout, graph: CausalGraph, models: PolicyModels) -> PenaltyInputs:
+        """Reference log-probs of the rollout (none when ``beta == 0``)."""
         if not self.needs_reference:
-            return {}
-        return {"ref_logps": reference_logps(rollout, models, self.batch_size)}
+            return PenaltyInputs()
+        return PenaltyInputs(ref_logps=reference_logps(rollout, models, self.batch_size))
 
-    def penalty(self, scores: Scores, rollout: Rollout, prepared: dict[str, Any], models: PolicyModels) -> Penalty:
+    def penalty(self, scores: Scores, rollout: Rollout, prepared: PenaltyInputs, models: PolicyModels) -> Penalty:
         """``beta * k3(pi_ref / pi_theta)`` per token, and the mean KL for logging."""
         if not self.needs_reference:
             return Penalty(per_token=torch.zeros_like(scores.logps))
-        kl = k3(prepared["ref_logps"] - scores.logps)  # [N, T]
+        kl = k3(prepared.ref_logps - scores.logps)  # [N, T]
         return Penalty(per_token=self.beta * kl, metrics={"kl": masked_mean(kl.detach(), rollout.completion_mask)})

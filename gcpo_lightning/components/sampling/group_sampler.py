@@ -7,7 +7,7 @@ import time
 import torch
 from torch import Tensor
 
-from gcpo_lightning.components.sampling.decoding import decode
+from gcpo_lightning.components.sampling.backends import Decoding, GenerationBackend, KVCacheLoop
 from gcpo_lightning.components.scoring.logprobs import score_in_batches
 from gcpo_lightning.interfaces.containers import PolicyModels, Rollout
 from gcpo_lightning.interfaces.protocols import Sampler
@@ -26,8 +26,8 @@ class GroupSampler(Sampler):
         generation_batch_size: most sequences per generation call; ``None`` generates the whole batch at once.
         score_batch_size: rows per no-grad scoring forward pass.
         min_new_tokens: EOS is not sampled before this many tokens (0: no minimum).
-        use_generate: generate with Hugging Face ``generate`` (any model, any generation feature) instead of the
-            kit's lean KV-cached loop (:func:`gcpo_lightning.components.sampling.decoding.decode`, faster on small models).
+        backend: how tokens are decoded: :class:`KVCacheLoop` (the kit's lean KV-cached loop, fastest on small
+            models; the default) or :class:`HFGenerate` (Hugging Face ``generate``: any model, any feature).
     """
 
     def __init__(
@@ -39,7 +39,7 @@ class GroupSampler(Sampler):
         generation_batch_size: int | None = None,
         score_batch_size: int = 64,
         min_new_tokens: int = 0,
-        use_generate: bool = False,
+        backend: GenerationBackend | None = None,
     ) -> None:
         if temperature < 0:
             raise ValueError(f"GroupSampler: temperature must be >= 0, got {temperature}")
@@ -54,7 +54,7 @@ class GroupSampler(Sampler):
         self.generation_batch_size = generation_batch_size
         self.score_batch_size = score_batch_size
         self.min_new_tokens = min_new_tokens
-        self.use_generate = use_generate
+        self.backend = KVCacheLoop() if backend is None else backend
 
     @torch.no_grad()
     def sample(
@@ -102,15 +102,10 @@ class GroupSampler(Sampler):
 
     def _generate_chunk(self, models: PolicyModels, ids: Tensor, mask: Tensor, greedy: bool) -> Tensor:
         tok = models.tokenizer
-        greedy = greedy or self.temperature == 0
-        if not self.use_generate:
-            return decode(models.policy, ids, mask, self.max_completion_length, eos_ids(tok), tok.pad_token_id,
-                          self.temperature, self.top_p, self.top_k, greedy, self.min_new_tokens)
-        kwargs: dict = dict(max_new_tokens=self.max_completion_length, do_sample=not greedy,
-                            pad_token_id=tok.pad_token_id, eos_token_id=eos_ids(tok), min_new_tokens=self.min_new_tokens)
-        if not greedy:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return models.policy.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :]
+        decoding = Decoding(max_new_tokens=self.max_completion_length, eos_ids=eos_ids(tok), pad_id=tok.pad_token_id,
+                            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                            greedy=greedy or self.temperature == 0, min_new_tokens=self.min_new_tokens)
+        return self.backend.generate(models.policy, ids, mask, decoding)
 
     def _score(self, models: PolicyModels, rollout: Rollout) -> None:
         """Fill ``old_logps`` and ``hidden`` with no-grad forward passes of ``score_batch_size`` rows."""

@@ -1,0 +1,61 @@
+"""Generation backends of :class:`~gcpo_lightning.components.sampling.group_sampler.GroupSampler`: how tokens are
+decoded, given the sampler's settings. The sampler owns batching, masks and scoring; a backend only generates.
+
+- :class:`KVCacheLoop`: the kit's lean KV-cached loop (:func:`~gcpo_lightning.components.sampling.decoding.decode`),
+  fastest on small models;
+- :class:`HFGenerate`: Hugging Face ``generate`` (any model, any generation feature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from gcpo_lightning.components.sampling.decoding import decode
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What to generate: the sampler's settings for one call."""
+
+    max_new_tokens: int
+    eos_ids: list[int]
+    pad_id: int
+    temperature: float
+    top_p: float
+    top_k: int
+    greedy: bool
+    min_new_tokens: int
+
+
+class GenerationBackend:
+    """Base class: ``[n, P]`` left-padded prompts to ``[n, T]`` completion tokens (``T <= max_new_tokens``)."""
+
+    def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, decoding: Decoding) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class KVCacheLoop(GenerationBackend):
+    """The kit's KV-cached decoding loop (temperature, top-p, top-k, min_new_tokens; stops at EOS)."""
+
+    def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, decoding: Decoding) -> Tensor:
+        d = decoding
+        return decode(model, prompt_ids, prompt_mask, d.max_new_tokens, d.eos_ids, d.pad_id, d.temperature, d.top_p,
+                      d.top_k, d.greedy, d.min_new_tokens)
+
+
+class HFGenerate(GenerationBackend):
+    """Hugging Face ``model.generate`` with the same sampling settings (any model, any generation feature)."""
+
+    def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, decoding: Decoding) -> Tensor:
+        d = decoding
+        kwargs: dict = dict(max_new_tokens=d.max_new_tokens, do_sample=not d.greedy, pad_token_id=d.pad_id,
+                            eos_token_id=d.eos_ids, min_new_tokens=d.min_new_tokens)
+        if not d.greedy:
+            kwargs.update(temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)  # type: ignore[operator]
+        return out[:, prompt_ids.shape[1] :]
