@@ -1,10 +1,13 @@
-"""GCPO's step-time overhead over GRPO on the embedded default, for several (G, M, K) settings.
+"""GCPO's step-time overhead over GRPO on the embedded default, for several (G, M, K) settings and code paths.
 
-    python benchmarks/gcpo_overhead.py --steps 4 --settings 8,2,1 8,1,1 4,2,1 4,4,4 --prompts 8
+    python benchmarks/gcpo_overhead.py --steps 4 --settings 8,2,1 4,4,4 --compare textual,default --threads 1
 
-Each setting runs ``configs/gcpo.yaml`` (and GRPO runs ``configs/grpo.yaml``) for ``--steps`` steps in its own
-process, without validation; the first step is a warm-up and is dropped. Prints the mean step time (the sum of
-the logged ``timing/*`` phases that make up a step), its ratio to GRPO's, and the mean time of each phase.
+Each run is ``configs/gcpo.yaml`` (GRPO: ``configs/grpo.yaml``) for ``--steps`` steps in its own process, without
+validation; the first step is a warm-up and is dropped. For every setting GRPO runs first, then each variant of
+``--compare`` (config overrides, see ``VARIANTS``: ``textual`` is the path before issue 10, ``default`` the shipped
+config), so that before and after are measured side by side in one invocation; ``--rounds`` repeats the whole
+sequence. Prints the median step time (the sum of the logged ``timing/*`` phases that make up a step), its ratio
+to the GRPO run of the same round, and the median of each phase and of the ``tokens_per_s/*`` metrics.
 """
 
 from __future__ import annotations
@@ -22,9 +25,27 @@ from pathlib import Path
 STEP_PHASES = ("generation", "scoring", "rewards", "graph", "reference", "update")
 GRAPH_PHASES = ("integration", "context_generation", "context_representation")
 
+PREALLOC_OFF = ('--model.sampler.init_args.backend={"class_path": "gcpo_lightning.components.sampling.backends.'
+                'KVCacheLoop", "init_args": {"preallocate": false}}')
+VARIANTS: dict[str, list[str]] = {
+    # the textual-context path as it was before issue 10: one prompt per context row, a KV cache grown by cat
+    "textual": [PREALLOC_OFF, "--model.graph_builder.init_args.share_prefix=false"],
+    # preallocated KV cache only
+    "prealloc": ["--model.graph_builder.init_args.share_prefix=false"],
+    # the shipped config
+    "default": [],
+    # pi_theta(. | x_i) with x_i encoded without gradient (same values, the gradient through x_i dropped)
+    "frozen": ["--model.kl.init_args.policy_context=context_frozen"],
+    # the causal KL conditioned on q (no gradient pass on x_i): the cheap [decision]
+    "query": ["--model.kl.init_args.policy_context=query"],
+}
 
-def run(config: str, steps: int, prompts: int, extra: list[str]) -> dict[str, float]:
-    """Mean seconds per phase over the steps after the first."""
+
+def run(config: str, steps: int, prompts: int, extra: list[str], threads: int | None) -> dict[str, float]:
+    """Median seconds per phase (and median tokens/s) over the steps after the first."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "gcpo_lightning", "fit", "--config", config, f"--trainer.max_steps={steps}",
                "--trainer.num_sanity_val_steps=0", "--trainer.val_check_interval=100000",
@@ -32,13 +53,15 @@ def run(config: str, steps: int, prompts: int, extra: list[str]) -> dict[str, fl
                "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp}",
                "--trainer.logger.name=run", "--trainer.logger.version=0", f"--data.init_args.batch_size={prompts}",
                *extra]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        if proc.returncode:
+            sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
         rows = [r for r in csv.DictReader(open(Path(tmp) / "run" / "version_0" / "metrics.csv")) if r.get("timing/update")]
     rows = rows[1:] or rows
-    keys = [f"timing/{p}" for p in STEP_PHASES + GRAPH_PHASES]
-    out = {k.split("/")[1]: statistics.mean(float(r[k]) for r in rows) for k in keys if rows[0].get(k)}
-    out["step"] = sum(v for k, v in out.items() if k in STEP_PHASES)
+    keys = [f"timing/{p}" for p in STEP_PHASES + GRAPH_PHASES] + [k for k in rows[0] if k.startswith("tokens_per_s/")]
+    out = {k.replace("timing/", ""): statistics.median(float(r[k]) for r in rows) for k in keys if rows[0].get(k)}
+    out["step"] = statistics.median(sum(float(r[f"timing/{p}"]) for p in STEP_PHASES if r.get(f"timing/{p}"))
+                                    for r in rows)
     return out
 
 
@@ -46,29 +69,88 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    parser.add_argument("--settings", nargs="+", default=["8,2,1", "8,1,1", "4,2,1", "4,4,4"], help="G,M,K")
-    parser.add_argument("--policy-context", default="context", choices=["context", "query"])
+    parser.add_argument("--settings", nargs="+", default=["8,2,1", "4,4,4"], help="G,M,K")
+    parser.add_argument("--compare", default="default", help=f"comma-separated variants of {sorted(VARIANTS)}")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: torch's)")
+    parser.add_argument("--no-grpo", action="store_true", help="skip the GRPO baseline")
+    parser.add_argument("--deviation", action="store_true",
+                        help="measure how far policy_context=context_frozen moves the gradient, then exit")
     args = parser.parse_args(argv)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.prompts} prompts/step")
-    header = f"{'method':28s} {'step s':>7s} {'x GRPO':>7s}  phases (s)"
-    print(header)
-    baselines: dict[int, float] = {}
-    for setting in args.settings:
-        G, M, K = (int(x) for x in setting.split(","))
-        if G not in baselines:
-            grpo = run("configs/grpo.yaml", args.steps, args.prompts, [f"--model.num_generations={G}"])
-            baselines[G] = grpo["step"]
-            print(f"{f'GRPO G={G}':28s} {grpo['step']:7.2f} {1.0:7.2f}  {fmt(grpo)}", flush=True)
-        gcpo = run("configs/gcpo.yaml", args.steps, args.prompts, [
-            f"--model.num_generations={G}", f"--model.graph_builder.init_args.num_integrated={M}",
-            f"--model.graph_builder.init_args.num_context_samples={K}",
-            f"--model.kl.init_args.policy_context={args.policy_context}"])
-        print(f"{f'GCPO G={G} M={M} K={K}':28s} {gcpo['step']:7.2f} {gcpo['step'] / baselines[G]:7.2f}  {fmt(gcpo)}",
-              flush=True)
+    if args.deviation:
+        return deviation(args.steps)
+    variants = args.compare.split(",")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU used; "
+          f"{args.prompts} prompts/step; threads {args.threads or 'default'}; load average at start {load:.2f}")
+    print(f"{'method':36s} {'step s':>7s} {'x GRPO':>7s}  phases (s)")
+    for rnd in range(args.rounds):
+        for setting in args.settings:
+            G, M, K = (int(x) for x in setting.split(","))
+            base = float("nan")
+            if not args.no_grpo:
+                grpo = run("configs/grpo.yaml", args.steps, args.prompts, [f"--model.num_generations={G}"],
+                           args.threads)
+                base = grpo["step"]
+                print(f"{f'[{rnd}] GRPO G={G}':36s} {grpo['step']:7.2f} {1.0:7.2f}  {fmt(grpo)}", flush=True)
+            for name in variants:
+                gcpo = run("configs/gcpo.yaml", args.steps, args.prompts, [
+                    f"--model.num_generations={G}", f"--model.graph_builder.init_args.num_integrated={M}",
+                    f"--model.graph_builder.init_args.num_context_samples={K}", *VARIANTS[name]], args.threads)
+                print(f"{f'[{rnd}] GCPO G={G} M={M} K={K} {name}':36s} {gcpo['step']:7.2f} "
+                      f"{gcpo['step'] / base:7.2f}  {fmt(gcpo)}", flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average at end {load:.2f}")
+
+
+def deviation(steps: int = 3, seed: int = 0) -> None:
+    """How far ``policy_context: context_frozen`` moves the update from the paper's ``context`` on the embedded
+    model (configs/gcpo.yaml's components, G=8, M=2, K=1, 8 prompts): per rollout, the loss values and the cosine
+    and norm ratio of the gradients of the whole loss and of the causal-KL term alone (kappa 0.06 minus kappa 0)."""
+    import torch
+
+    from gcpo_lightning import (ArithmeticDataModule, CausalAdvantage, CausalProjectedKL, ColliderGraphBuilder,
+                                GCPOModule, GroupSampler)
+    from gcpo_lightning.policy.builder import PolicyBuilder
+
+    torch.manual_seed(seed)
+    module = GCPOModule(policy_builder=PolicyBuilder("tiny-arith", use_chat_template=False),
+                        sampler=GroupSampler(max_completion_length=64, generation_batch_size=64),
+                        graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1),
+                        adjuster=CausalAdvantage(alpha=2.0), kl=CausalProjectedKL(beta=0.04, kappa=0.06, max_ratio=10.0),
+                        num_generations=8)
+    module.configure_model()
+    dm = ArithmeticDataModule(batch_size=8, seed=seed)
+    dm.setup("fit")
+    models = module.models()
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+    for step, batch in zip(range(steps), dm.train_dataloader()):
+        rollout = module.sampler.sample(models, module.prompts_for(batch), 8)
+        rollout.rows = batch
+        rewards, _ = module.score_rewards(rollout)
+        graph = module.graph_builder.build(rollout, models, module.sampler)
+        adv = module.adjuster.adjust(rewards, rollout, graph, batch_rewards=rewards)
+        prepared = module.kl.prepare(rollout, graph, models)
+        grads, losses = {}, {}
+        for ctx in ("context", "context_frozen"):
+            for kappa in (0.06, 0.0):
+                module.kl.policy_context, module.kl.kappa = ctx, kappa
+                loss, _ = module.compute_loss(rollout, adv.values, prepared, models)
+                grads[ctx, kappa] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+                losses[ctx, kappa] = loss.item()
+        module.kl.kappa = 0.06
+        cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+        causal = {c: grads[c, 0.06] - grads[c, 0.0] for c in ("context", "context_frozen")}
+        print(f"rollout {step}: loss context {losses['context', 0.06]:.6f} frozen {losses['context_frozen', 0.06]:.6f}"
+              f"; grad cos (whole loss) {cos(grads['context', 0.06], grads['context_frozen', 0.06]):.4f}, norm ratio "
+              f"{float(grads['context_frozen', 0.06].norm() / grads['context', 0.06].norm()):.4f}; causal-KL term: "
+              f"cos {cos(causal['context'], causal['context_frozen']):.4f}, norm ratio "
+              f"{float(causal['context_frozen'].norm() / causal['context'].norm()):.4f}", flush=True)
 
 
 def fmt(phases: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.2f}" for k, v in phases.items() if k != "step")
+    return ", ".join(f"{k} {v:.0f}" if k.startswith("tokens_per_s") else f"{k} {v:.2f}"
+                     for k, v in phases.items() if k != "step")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,12 @@ def require_placeholders(name: str, template: str, placeholders: tuple[str, ...]
         raise ValueError(f"{name} is missing placeholder(s) {['{' + p + '}' for p in missing]}: {template!r}")
 
 
+def throughput(phase: str, samples: Rollout, seconds: float) -> dict[str, float]:
+    """``tokens_per_s/<phase>``: the phase's sampled tokens (generated, or scored for a representation) per second."""
+    tokens = float(samples.completion_mask.sum())
+    return {f"tokens_per_s/{phase}": tokens / seconds if seconds > 0 else 0.0}
+
+
 class ColliderGraphBuilder(CausalGraphBuilder):
     """GCPO's graph: integrated outputs (the collider), contexts ``x_{i,l}`` and their representations.
 
@@ -49,6 +55,10 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         max_candidate_tokens: cut each candidate to its last N tokens in the prompts (``None``: never cut).
         represent_in_context: represent context samples under their own context rather than under ``q``.
         batch_size: rows per no-grad forward pass.
+        share_prefix: generate with prefix reuse where the sampler offers it (``GroupSampler.sample_shared``):
+            the ``M*K`` context rows of a candidate (and the ``M`` integrated rows of a group) prefill their shared
+            prefix once and fork its KV cache. Same tokens as without (exact up to float rounding; tested);
+            ``false`` keeps one independent prompt per row.
     """
 
     def __init__(
@@ -61,6 +71,7 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         max_candidate_tokens: int | None = None,
         represent_in_context: bool = False,
         batch_size: int = 64,
+        share_prefix: bool = True,
     ) -> None:
         if num_integrated < 1:
             raise ValueError(f"ColliderGraphBuilder: num_integrated (M) must be >= 1, got {num_integrated}")
@@ -79,6 +90,7 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         self.max_candidate_tokens = max_candidate_tokens
         self.represent_in_context = represent_in_context
         self.batch_size = batch_size
+        self.share_prefix = share_prefix
 
     # ----- prompts -----------------------------------------------------------------------------------------------
 
@@ -128,17 +140,21 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         cands = self.candidate_texts(rollout, models.tokenizer)
         start = time.perf_counter()
         integ_prompts = [models.render(p) for p in self.integration_prompts(questions, cands, G)]
-        integ = sampler.sample(models, integ_prompts, M, score=False)  # B*M integrated outputs
+        integ = self.sample(sampler, models, [[p] for p in integ_prompts], M, score=False)  # B*M integrated outputs
         integrated = [integ.completions[b * M : (b + 1) * M] for b in range(len(questions))]  # [B][M]
         metrics["timing/integration"] = time.perf_counter() - start
+        metrics.update(throughput("integration", integ, metrics["timing/integration"]))
         contexts = self.context_prompts(questions, cands, integrated, G)  # [B][G][M]
-        flat = [models.render(x) for per_b in contexts for per_i in per_b for x in per_i]  # N*M, order (b, i, l)
+        per_candidate = [[models.render(x) for x in per_i] for per_b in contexts for per_i in per_b]  # [N][M]
+        flat = [x for per_i in per_candidate for x in per_i]  # N*M, order (b, i, l)
         start = time.perf_counter()
-        samples = sampler.sample(models, flat, K, score=self.represent_in_context)  # N*M*K, order (b, i, l, k)
+        samples = self.sample(sampler, models, per_candidate, K, score=self.represent_in_context)  # N*M*K (b,i,l,k)
         metrics["timing/context_generation"] = time.perf_counter() - start
+        metrics.update(throughput("context_generation", samples, metrics["timing/context_generation"]))
         start = time.perf_counter()
         reps = self.represent(samples, rollout, models, M * K)  # [N*M*K, D]
         metrics["timing/context_representation"] = time.perf_counter() - start
+        metrics.update(throughput("context_representation", samples, metrics["timing/context_representation"]))
         N, D = rollout.completion_ids.shape[0], reps.shape[-1]
         enc = models.tokenizer(flat, return_tensors="pt", padding=True, add_special_tokens=False)
         device = rollout.completion_ids.device
@@ -154,6 +170,13 @@ class ColliderGraphBuilder(CausalGraphBuilder):
             context_samples=samples.completions,  # [N*M*K] O_{i,l,k}
             metrics=metrics,
         )
+
+    def sample(self, sampler: Sampler, models: PolicyModels, groups: list[list[str]], K: int, score: bool) -> Rollout:
+        """``K`` samples of every prompt of ``groups`` (flattened order); the prompts of a group share a prefix,
+        encoded once when ``share_prefix`` and the sampler can (``sample_shared``)."""
+        if self.share_prefix and hasattr(sampler, "sample_shared"):
+            return sampler.sample_shared(models, groups, K, score=score)
+        return sampler.sample(models, [p for g in groups for p in g], K, score=score)
 
     def represent(self, samples: Rollout, rollout: Rollout, models: PolicyModels, per_candidate: int) -> Tensor:
         """``rep(O)`` of every context sample: under its own context, or (default) under ``prompt(q)``.

@@ -16,14 +16,14 @@ import torch
 from torch import Tensor
 
 from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
-from gcpo_lightning.components.scoring.logprobs import score_completions, score_in_batches
+from gcpo_lightning.components.scoring.logprobs import score_after_frozen_prefix, score_completions, score_in_batches
 from gcpo_lightning.components.scoring.prefix_sharing import shared_prefix_logps
 from gcpo_lightning.functional.causal import projected_reference_probs
 from gcpo_lightning.functional.losses import k3, masked_mean
 from gcpo_lightning.interfaces.containers import CausalGraph, Penalty, PenaltyInputs, PolicyModels, Rollout, Scores
 from gcpo_lightning.interfaces.protocols import ProjectedKL
 
-PolicyContext = Literal["context", "query"]
+PolicyContext = Literal["context", "context_frozen", "query"]
 
 
 def context_probs_shared(rollout: Rollout, graph: CausalGraph, models: PolicyModels, batch_size: int) -> Tensor:
@@ -65,7 +65,9 @@ class CausalProjectedKL(ProjectedKL):
         beta: weight of the reference KL (0 builds no reference model).
         kappa: weight of the causal KL (the paper uses 0.06; 0 is the "no causal KL" ablation).
         policy_context: ``context`` scores ``pi_theta`` on ``x_i`` as the paper writes (an extra gradient pass over
-            the long context); ``query`` reuses the main pass on ``q`` (cheap). **[decision]**
+            the long context); ``context_frozen`` gives the same values with ``x_i`` encoded without gradient (the
+            gradient pass covers only ``y_i``; the gradient through ``x_i``'s keys and values is dropped, measured in
+            docs/benchmarks.md); ``query`` reuses the main pass on ``q`` (cheap). **[decision]**
         min_prob: lower clamp of ``p'_ref``.
         max_ratio: caps ``u = p'_ref / pi_theta`` inside the causal k3 (tokens beyond the cap give no gradient);
             ``None`` leaves it unbounded as in the paper. **[decision]** k3's gradient grows like ``u``, and a
@@ -88,8 +90,9 @@ class CausalProjectedKL(ProjectedKL):
     ) -> None:
         if beta < 0 or kappa < 0:
             raise ValueError(f"CausalProjectedKL: beta and kappa must be >= 0, got beta={beta}, kappa={kappa}")
-        if policy_context not in ("context", "query"):
-            raise ValueError(f"CausalProjectedKL: policy_context must be 'context' or 'query', got {policy_context!r}")
+        if policy_context not in ("context", "context_frozen", "query"):
+            raise ValueError("CausalProjectedKL: policy_context must be 'context', 'context_frozen' or 'query', got "
+                             f"{policy_context!r}")
         if max_ratio is not None and max_ratio <= 1:
             raise ValueError(f"CausalProjectedKL: max_ratio must be > 1 or null, got {max_ratio}")
         if not 0 < min_prob < 1:
@@ -118,7 +121,7 @@ class CausalProjectedKL(ProjectedKL):
             p_ref, clamped = projected_reference_probs(p[:, 0], p.mean(1), rollout.old_logps.exp(), self.min_prob)
             out.causal_ref_logps = p_ref.log()  # [N, T]
             out.causal_clamped = clamped  # [N, T]
-            if self.policy_context == "context":
+            if self.policy_context != "query":
                 out.context_ids = graph.context_ids[:, 0]  # [N, Px]: x_i = x_{i,0}
                 out.context_mask = graph.context_mask[:, 0]  # [N, Px]
         return out
@@ -146,6 +149,10 @@ class CausalProjectedKL(ProjectedKL):
         """``log pi_theta(y_t | x_i, y_<t)`` (the paper), or the main pass's ``log pi_theta(y_t | q, y_<t)``."""
         if self.policy_context == "query":
             return scores.logps
+        if self.policy_context == "context_frozen":
+            return score_after_frozen_prefix(models.policy, prepared.context_ids, prepared.context_mask,
+                                             rollout.completion_ids, rollout.completion_mask, models.temperature,
+                                             models.logits_chunk_size)
         return score_completions(models.policy, prepared.context_ids, prepared.context_mask, rollout.completion_ids,
                                  rollout.completion_mask, temperature=models.temperature,
                                  logits_chunk_size=models.logits_chunk_size).logps

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from gcpo_lightning.components.sampling.decoding import decode
+from gcpo_lightning.components.sampling.decoding import decode, decode_shared_prefix
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,31 @@ class GenerationBackend:
 
 
 class KVCacheLoop(GenerationBackend):
-    """The kit's KV-cached decoding loop (temperature, top-p, top-k, min_new_tokens; stops at EOS)."""
+    """The kit's KV-cached decoding loop (temperature, top-p, top-k, min_new_tokens; stops at EOS).
+
+    Args:
+        preallocate: write the KV cache into buffers sized for the whole generation (the same tokens as a cache
+            grown by concatenation, without copying it every step); ``false`` grows it (the old loop).
+    """
+
+    def __init__(self, preallocate: bool = True) -> None:
+        self.preallocate = preallocate
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(preallocate={self.preallocate})"
 
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, decoding: Decoding) -> Tensor:
         d = decoding
         return decode(model, prompt_ids, prompt_mask, d.max_new_tokens, d.eos_ids, d.pad_id, d.temperature, d.top_p,
-                      d.top_k, d.greedy, d.min_new_tokens)
+                      d.top_k, d.greedy, d.min_new_tokens, preallocate=self.preallocate)
+
+    def generate_shared(self, model: nn.Module, prefix_ids: Tensor, prefix_mask: Tensor, suffix_ids: Tensor,
+                        suffix_mask: Tensor, owner: Tensor, decoding: Decoding) -> Tensor:
+        """Rows ``[prefix_ids[owner[r]] | suffix_ids[r]]``, each distinct prefix prefilled once and its KV cache
+        copied to its rows (:func:`~gcpo_lightning.components.sampling.decoding.decode_shared_prefix`)."""
+        d = decoding
+        return decode_shared_prefix(model, prefix_ids, prefix_mask, suffix_ids, suffix_mask, owner, d.max_new_tokens,
+                                    d.eos_ids, d.pad_id, d.temperature, d.top_p, d.top_k, d.greedy, d.min_new_tokens)
 
 
 class HFGenerate(GenerationBackend):

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from gcpo_lightning.components.sampling.backends import Decoding, GenerationBackend, KVCacheLoop
 from gcpo_lightning.components.scoring.logprobs import score_in_batches
+from gcpo_lightning.components.scoring.prefix_sharing import common_prefix_length
 from gcpo_lightning.interfaces.containers import PolicyModels, Rollout
 from gcpo_lightning.interfaces.protocols import Sampler
 
@@ -61,13 +62,49 @@ class GroupSampler(Sampler):
         self, models: PolicyModels, prompts: list[str], num_generations: int, greedy: bool = False, score: bool = True
     ) -> Rollout:
         """Generate ``num_generations`` completions for each prompt (group-major) and optionally score them."""
-        tok = models.tokenizer
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        prompt_ids, prompt_mask = self._encode(models, prompts, num_generations)
+        start = time.perf_counter()
+        completion_ids = self._generate(models, prompt_ids, prompt_mask, greedy)  # [N, T]
+        return self._rollout(models, prompts, prompt_ids, prompt_mask, completion_ids, num_generations, start, score)
+
+    @torch.no_grad()
+    def sample_shared(
+        self, models: PolicyModels, groups: list[list[str]], num_generations: int, greedy: bool = False,
+        score: bool = True,
+    ) -> Rollout:
+        """As :meth:`sample` over the prompts of ``groups`` flattened, encoding each group's shared prefix once.
+
+        The prompts of a group share a token prefix (GCPO's ``M`` contexts of one candidate share ``q`` and the
+        other candidates); with a backend that can fork a KV cache (``KVCacheLoop``) the prefix is prefilled once
+        and its cache copied to the group's ``len(group) * num_generations`` rows. Same result as :meth:`sample`
+        on the flattened list, up to float rounding (tests/component/test_gcpo_cost.py); other backends (e.g.
+        ``HFGenerate``, or a server with its own prefix cache) receive the flattened prompts unchanged.
+        """
+        flat = [p for group in groups for p in group]
+        if not hasattr(self.backend, "generate_shared"):
+            return self.sample(models, flat, num_generations, greedy, score)
+        prompt_ids, prompt_mask = self._encode(models, flat, num_generations)
+        start = time.perf_counter()
+        policy, was_training = models.policy, models.policy.training
+        policy.eval()
+        try:
+            completion_ids = self._generate_shared(models, prompt_ids, prompt_mask, [len(g) for g in groups],
+                                                   num_generations, greedy)
+        finally:
+            policy.train(was_training)
+        return self._rollout(models, flat, prompt_ids, prompt_mask, completion_ids, num_generations, start, score)
+
+    def _encode(self, models: PolicyModels, prompts: list[str], num_generations: int) -> tuple[Tensor, Tensor]:
+        """Left-padded prompt ids and mask, each row repeated ``num_generations`` times.  ``[N, P]`` twice."""
+        enc = models.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         device = next(models.policy.parameters()).device
         prompt_ids = enc["input_ids"].to(device).repeat_interleave(num_generations, dim=0)  # [N, P]
         prompt_mask = enc["attention_mask"].to(device).repeat_interleave(num_generations, dim=0)  # [N, P]
-        start = time.perf_counter()
-        completion_ids = self._generate(models, prompt_ids, prompt_mask, greedy)  # [N, T]
+        return prompt_ids, prompt_mask
+
+    def _rollout(self, models: PolicyModels, prompts: list[str], prompt_ids: Tensor, prompt_mask: Tensor,
+                 completion_ids: Tensor, num_generations: int, start: float, score: bool) -> Rollout:
+        tok = models.tokenizer
         generated = time.perf_counter()
         completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids(tok))
         completion_ids = completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id)
@@ -87,6 +124,41 @@ class GroupSampler(Sampler):
             rollout.metrics["timing/scoring"] = time.perf_counter() - generated
         return rollout
 
+    def _generate_shared(self, models: PolicyModels, prompt_ids: Tensor, prompt_mask: Tensor, sizes: list[int],
+                         K: int, greedy: bool) -> Tensor:
+        """Completions ``[N, T]`` of rows grouped by shared prefix: ``sizes[g] * K`` consecutive rows per group,
+        at most ``generation_batch_size`` rows per call (whole groups)."""
+        rows_of = [s * K for s in sizes]
+        step = self.generation_batch_size or sum(rows_of)
+        chunks, first, g = [], 0, 0
+        while g < len(sizes):
+            last, n = g, 0
+            while last < len(sizes) and (n == 0 or n + rows_of[last] <= step):
+                n += rows_of[last]
+                last += 1
+            rows = slice(first, first + n)
+            chunks.append(self._generate_shared_chunk(models, prompt_ids[rows], prompt_mask[rows], rows_of[g:last],
+                                                      greedy))
+            first, g = first + n, last
+        return pad_cat(chunks, models.tokenizer.pad_token_id)
+
+    def _generate_shared_chunk(self, models: PolicyModels, ids: Tensor, mask: Tensor, rows_of: list[int],
+                               greedy: bool) -> Tensor:
+        device, pad = ids.device, models.tokenizer.pad_token_id
+        seqs = [row[m.bool()].tolist() for row, m in zip(ids, mask)]  # real tokens of every row
+        owner = torch.arange(len(rows_of), device=device).repeat_interleave(torch.tensor(rows_of, device=device))
+        prefixes, suffixes, first = [], [], 0
+        for n in rows_of:
+            group = seqs[first : first + n]
+            c = min(common_prefix_length(group), min(len(s) for s in group) - 1)  # every row keeps >= 1 token
+            prefixes.append(group[0][:c])
+            suffixes += [s[c:] for s in group]
+            first += n
+        prefix_ids, prefix_mask = left_pad(prefixes, pad, device)
+        suffix_ids, suffix_mask = left_pad(suffixes, pad, device)
+        return self.backend.generate_shared(models.policy, prefix_ids, prefix_mask, suffix_ids, suffix_mask, owner,
+                                            self._decoding(models, greedy))
+
     def _generate(self, models: PolicyModels, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool) -> Tensor:
         """Completion tokens only, ``[N, T]`` with ``T <= max_completion_length``, generated in eval mode."""
         policy = models.policy
@@ -101,11 +173,13 @@ class GroupSampler(Sampler):
         return pad_cat(chunks, models.tokenizer.pad_token_id)
 
     def _generate_chunk(self, models: PolicyModels, ids: Tensor, mask: Tensor, greedy: bool) -> Tensor:
+        return self.backend.generate(models.policy, ids, mask, self._decoding(models, greedy))
+
+    def _decoding(self, models: PolicyModels, greedy: bool) -> Decoding:
         tok = models.tokenizer
-        decoding = Decoding(max_new_tokens=self.max_completion_length, eos_ids=eos_ids(tok), pad_id=tok.pad_token_id,
-                            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                            greedy=greedy or self.temperature == 0, min_new_tokens=self.min_new_tokens)
-        return self.backend.generate(models.policy, ids, mask, decoding)
+        return Decoding(max_new_tokens=self.max_completion_length, eos_ids=eos_ids(tok), pad_id=tok.pad_token_id,
+                        temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                        greedy=greedy or self.temperature == 0, min_new_tokens=self.min_new_tokens)
 
     def _score(self, models: PolicyModels, rollout: Rollout) -> None:
         """Fill ``old_logps`` and ``hidden`` with no-grad forward passes of ``score_batch_size`` rows."""
@@ -138,6 +212,14 @@ def completion_mask_from_eos(completion_ids: Tensor, eos: list[int]) -> tuple[Te
     positions = torch.arange(T, device=completion_ids.device).unsqueeze(0)  # [1, T]
     mask = (positions <= first.unsqueeze(1)).long()  # [N, T]
     return mask, ~has_eos
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """Token lists as left-padded ``[n, L]`` ids and mask (``L`` >= 1)."""
+    L = max(1, max(len(s) for s in seqs))
+    ids = torch.tensor([[pad_id] * (L - len(s)) + s for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask
 
 
 def pad_cat(chunks: list[Tensor], pad_id: int) -> Tensor:

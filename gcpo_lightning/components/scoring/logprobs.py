@@ -203,3 +203,50 @@ def score_in_batches(
     hidden = torch.cat([p.hidden for p in parts]) if with_hidden else None
     return Scores(logps=torch.cat([p.logps for p in parts]), entropy=torch.cat([p.entropy for p in parts]),
                   hidden=hidden)
+
+
+def score_after_frozen_prefix(
+    model: nn.Module,
+    prefix_ids: Tensor,
+    prefix_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    logits_chunk_size: int | None = None,
+) -> Tensor:
+    """``log p(y_t | prefix, y_<t)`` as :func:`score_completions`, with the prefix encoded without gradient.
+
+    The prefix (all but its last token) is run under ``torch.no_grad()`` into a KV cache; the gradient pass covers
+    only ``[last prefix token | completion]``, which attends to that cache. The values equal
+    :func:`score_completions` to float rounding; the gradient omits the path through the prefix's keys and values
+    (GCPO's ``policy_context: context_frozen``, a measured **[decision]**, docs/algorithm.md). Cost: one no-grad
+    forward over the prefix plus a gradient pass over ``T + 1`` tokens, instead of a gradient pass over ``P + T``.
+
+    Args:
+        prefix_ids: ``[N, P]`` left-padded (its last column is a real token in every row).
+        prefix_mask: ``[N, P]``.
+        completion_ids: ``[N, T]`` right-padded.
+        completion_mask: ``[N, T]``.
+
+    Returns:
+        ``[N, T]`` fp32 log-probs (with gradient when grad is enabled).
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    positions = position_ids_from_mask(torch.cat([prefix_mask, completion_mask], dim=1))  # [N, P+T]
+    P, T = prefix_ids.shape[1], completion_ids.shape[1]
+    with torch.no_grad():
+        model(input_ids=prefix_ids[:, :-1], attention_mask=prefix_mask[:, :-1], position_ids=positions[:, : P - 1],
+              cache=cache, use_cache=True, logits_to_keep=1)
+    inputs = torch.cat([prefix_ids[:, -1:], completion_ids[:, :-1]], dim=1)  # [N, T]: position t predicts y_t
+    mask = torch.cat([prefix_mask, completion_mask[:, :-1]], dim=1)  # [N, P+T-1]
+    chunked = logits_chunk_size is not None
+    with final_states(model, enabled=chunked) as captured:
+        out = model(input_ids=inputs, attention_mask=mask, position_ids=positions[:, P - 1 : P + T - 1], cache=cache,
+                    use_cache=True, logits_to_keep=1 if chunked and captured else T,
+                    output_hidden_states=chunked and not captured)
+    if chunked:
+        states = captured["states"] if captured else out.hidden_states[-1]  # [N, T, D]
+        return chunked_head_logps(lm_head(model), states, completion_ids, temperature, logits_chunk_size)[0]
+    return selective_log_softmax(out.logits / temperature, completion_ids)[0]

@@ -1,0 +1,113 @@
+"""Issue 10 ("GCPO you can afford"): every cheaper path of the GCPO step against the textual-context path.
+
+- generation with a preallocated KV cache equals the growing cache (same tokens, sampled with a fixed seed);
+- shared-prefix generation (prefix prefilled once, KV cache forked to the rows that share it) equals one
+  independent prompt per row: same tokens under greedy decoding and with a fixed seed, and the collider's graph
+  (integrated outputs, context samples, ``Zbar``) is the same with ``share_prefix`` on and off.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gcpo_lightning import ColliderGraphBuilder, GroupSampler
+from gcpo_lightning.components.sampling.backends import HFGenerate
+from gcpo_lightning.components.sampling.decoding import decode, decode_shared_prefix
+from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer
+
+
+def _model(model_dir):
+    return load_causal_lm(str(model_dir)).eval(), load_tokenizer(str(model_dir))
+
+
+def test_preallocated_cache_gives_the_same_tokens(tiny_model_dir):
+    model, tok = _model(tiny_model_dir)
+    enc = tok(["Problem: 1+2\nSolution:", "Problem: 3+4+5-6\nSolution:"] * 3, return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    runs = []
+    for preallocate in (False, True):
+        torch.manual_seed(0)
+        runs.append(decode(model, enc["input_ids"], enc["attention_mask"], 12, [tok.eos_token_id], tok.pad_token_id,
+                           temperature=1.0, preallocate=preallocate))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_shared_prefix_decode_equals_full_prompts(tiny_model_dir):
+    model, tok = _model(tiny_model_dir)
+    prefixes = ["Problem: 12+7\nOther solutions:\n[1] 19", "Problem: 3*3-1\nOther solutions:\n[2] 8 or so"]
+    suffixes = [[" A", " BBBBB\nC"], [" 8", "\nCombined solution: 9"]]
+    full = [p + s for p, ss in zip(prefixes, suffixes) for s in ss]
+    enc = tok(full, return_tensors="pt", padding=True, add_special_tokens=False)
+    pre = tok(prefixes, return_tensors="pt", padding=True, add_special_tokens=False)
+    suf = tok([s for ss in suffixes for s in ss], return_tensors="pt", padding=True, add_special_tokens=False)
+    owner = torch.tensor([0, 0, 1, 1])
+    for greedy in (True, False):
+        torch.manual_seed(1)
+        ref = decode(model, enc["input_ids"], enc["attention_mask"], 10, [tok.eos_token_id], tok.pad_token_id,
+                     greedy=greedy)
+        torch.manual_seed(1)
+        ours = decode_shared_prefix(model, pre["input_ids"], pre["attention_mask"], suf["input_ids"],
+                                    suf["attention_mask"], owner, 10, [tok.eos_token_id], tok.pad_token_id,
+                                    greedy=greedy)
+        assert torch.equal(ref, ours), greedy
+
+
+def test_sample_shared_equals_sample(make_module, tiny_model_dir):
+    module = make_module(tiny_model_dir)
+    module.configure_model()
+    models = module.models()
+    groups = [["Problem: 1+2\nOther: [1] 3\nCombined: 3\nNow:", "Problem: 1+2\nOther: [1] 3\nCombined: 4 maybe\nNow:"],
+              ["Problem: 5-5\nOther: [2] 0\nCombined: 0\nNow:", "Problem: 5-5\nOther: [2] 0\nCombined:\nNow:"]]
+    flat = [p for g in groups for p in g]
+    for sampler in (GroupSampler(max_completion_length=8, generation_batch_size=6),
+                    GroupSampler(max_completion_length=8, backend=HFGenerate())):
+        torch.manual_seed(3)
+        ref = sampler.sample(models, flat, 3, score=True)
+        torch.manual_seed(3)
+        ours = sampler.sample_shared(models, groups, 3, score=True)
+        assert torch.equal(ref.prompt_ids, ours.prompt_ids)
+        assert torch.equal(ref.completion_ids, ours.completion_ids)
+        assert ref.completions == ours.completions
+        torch.testing.assert_close(ref.old_logps, ours.old_logps)
+
+
+def test_collider_share_prefix_builds_the_same_graph(make_module, tiny_model_dir):
+    G, M, K = 3, 2, 2
+    rows = [{"prompt": f"Problem: {q}\nSolution:", "question": q, "answer": "0"} for q in ["1+2", "3+4+5"]]
+    graphs = []
+    for share in (False, True):
+        builder = ColliderGraphBuilder(num_integrated=M, num_context_samples=K, share_prefix=share)
+        module = make_module(tiny_model_dir, num_generations=G, graph_builder=builder,
+                             sampler=GroupSampler(max_completion_length=8, generation_batch_size=8))
+        module.configure_model()
+        models = module.models()
+        torch.manual_seed(0)
+        rollout = module.sampler.sample(models, module.prompts_for(rows), G)
+        rollout.rows = rows
+        graphs.append(builder.build(rollout, models, module.sampler))
+    plain, shared = graphs
+    assert plain.integrated == shared.integrated
+    assert plain.context_samples == shared.context_samples
+    assert torch.equal(plain.context_ids, shared.context_ids)
+    torch.testing.assert_close(plain.context_representations, shared.context_representations)
+    assert shared.metrics["tokens_per_s/context_generation"] > 0
+
+
+def test_frozen_prefix_scores_equal_the_full_pass(tiny_model_dir):
+    from gcpo_lightning.components.scoring.logprobs import score_after_frozen_prefix, score_completions
+
+    model, tok = _model(tiny_model_dir)
+    ctx = tok(["Problem: 1+2\nOther solutions:\n[2] 3\nNow:", "Problem: 3+4\nNow:"], return_tensors="pt",
+              padding=True, add_special_tokens=False)
+    ys = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
+    y_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    for chunk in (None, 2):
+        full = score_completions(model, ctx["input_ids"], ctx["attention_mask"], ys, y_mask,
+                                 temperature=0.7, logits_chunk_size=chunk).logps
+        frozen = score_after_frozen_prefix(model, ctx["input_ids"], ctx["attention_mask"], ys, y_mask, 0.7, chunk)
+        torch.testing.assert_close(frozen[y_mask.bool()], full[y_mask.bool()], atol=1e-5, rtol=1e-5)
+        norm = model.model.norm.weight
+        (g_full,) = torch.autograd.grad(full[y_mask.bool()].sum(), norm)
+        (g_frozen,) = torch.autograd.grad(frozen[y_mask.bool()].sum(), norm)
+        # the final norm sees the same inputs at y's positions: same gradient (earlier layers lose the path via x_i)
+        torch.testing.assert_close(g_frozen, g_full, atol=1e-5, rtol=1e-4)
