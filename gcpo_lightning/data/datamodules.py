@@ -86,13 +86,15 @@ class RowsDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Held-out prompts in a fixed order."""
-        return DataLoader(self.val_rows, batch_size=self.val_batch_size, collate_fn=collate_rows)
+        return DataLoader(self.val_rows,  # type: ignore[arg-type]  # torch's stub wants a Dataset; a list works
+                          batch_size=self.val_batch_size, collate_fn=collate_rows)
 
     def test_dataloader(self) -> DataLoader:
         """The test rows in a fixed order, or the held-out prompts again when there is no separate test split."""
         if not self.test_rows:
             return self.val_dataloader()
-        return DataLoader(self.test_rows, batch_size=self.val_batch_size, collate_fn=collate_rows)
+        return DataLoader(self.test_rows,  # type: ignore[arg-type]  # torch's stub wants a Dataset; a list works
+                          batch_size=self.val_batch_size, collate_fn=collate_rows)
 
 
 class ArithmeticDataModule(RowsDataModule):
@@ -363,6 +365,9 @@ class HFPromptDataModule(RowsDataModule):
         if self.max_prompt_tokens is None:
             return False
         if self._tokenizer is None:
+            if self.tokenizer is None:  # _check_settings refuses this; set after construction
+                raise ValueError("HFPromptDataModule: max_prompt_tokens needs a tokenizer (name or path, like "
+                                 "model_name_or_path)")
             self._tokenizer = load_tokenizer(self.tokenizer, setting="tokenizer")
         return len(self._tokenizer(prompt, add_special_tokens=False)["input_ids"]) > self.max_prompt_tokens
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
@@ -18,7 +18,8 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, dataset: Sequence[Any], shuffle: bool = True, seed: int = 0, drop_last: bool = True) -> None:
         distributed = dist.is_available() and dist.is_initialized()
-        super().__init__(dataset, num_replicas=dist.get_world_size() if distributed else 1,
+        super().__init__(dataset,  # type: ignore[arg-type]  # torch's stub wants a Dataset; any Sequence works
+                         num_replicas=dist.get_world_size() if distributed else 1,
                          rank=dist.get_rank() if distributed else 0, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.consumed = 0
         self._skip = 0
@@ -59,13 +60,14 @@ class ResumableLoader(DataLoader):
 
     def __init__(self, dataset: Sequence[Any], batch_size: int, shuffle: bool, seed: int, collate_fn: Any,
                  drop_last: bool = True) -> None:
-        super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn, drop_last=drop_last,
+        super().__init__(dataset,  # type: ignore[arg-type]  # torch's stub wants a Dataset; any Sequence works
+                         batch_size=batch_size, collate_fn=collate_fn, drop_last=drop_last,
                          sampler=ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=False))
 
     def state_dict(self) -> dict[str, int]:
         """The sampler's position (consumed indices are always whole batches: no worker prefetches)."""
-        return self.sampler.state_dict()
+        return cast(ResumableSampler, self.sampler).state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at a saved position."""
-        self.sampler.load_state_dict(state)
+        cast(ResumableSampler, self.sampler).load_state_dict(state)

@@ -45,8 +45,8 @@ def json_error(path: str | Path) -> str | None:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        return f"line {line}: not UTF-8 text (byte {err.start})"
+        line_number = raw.count(b"\n", 0, err.start) + 1
+        return f"line {line_number}: not UTF-8 text (byte {err.start})"
     lines = text.split("\n")  # physical lines, as editors count them (not str.splitlines)
     filled = [line.strip() for line in lines if line.strip()]
     if not filled:

@@ -56,6 +56,11 @@ class SampledEvaluation(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    # states registered with ``add_state`` (the ``pass_at_{j}_sum`` ones are reached with getattr)
+    problems: Tensor
+    mean_sum: Tensor
+    majority_sum: Tensor
+    majority_problems: Tensor
 
     def __init__(self, k: int, ks: Sequence[int] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)

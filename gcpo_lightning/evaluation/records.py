@@ -71,7 +71,7 @@ def problem_records(
         start_index: ``index`` of the first problem.
     """
     num_problems, n = correct.shape
-    rewards = rewards.detach().reshape(num_problems, n).float().cpu().tolist()
+    reward_rows = rewards.detach().reshape(num_problems, n).float().cpu().tolist()
     pass_at = {name: v.cpu().tolist() for name, v in per_problem_pass_at(correct, ks).items()}
     majority = None
     if answer_keys is not None and majority_k is not None:
@@ -83,7 +83,7 @@ def problem_records(
             prompt=row["prompt"],
             answer=row.get("answer"),
             completions=list(completions[p * n:(p + 1) * n]),
-            rewards=rewards[p],
+            rewards=reward_rows[p],
             correct=flags[p],
             extracted=None if answer_keys is None else list(answer_keys[p]),
             pass_at={name: values[p] for name, values in pass_at.items()},

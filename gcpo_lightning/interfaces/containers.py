@@ -106,7 +106,7 @@ class CausalGraph:
         """True for GRPO's graph: no collider, responses conditioned on q alone."""
         return self.integrated is None
 
-    def structure(self, group: int = 0) -> dict[str, list]:
+    def structure(self, group: int = 0) -> dict[str, Any]:
         """Group ``group``'s nodes, causal edges and conditioning sets, by name, for inspection.
 
         Edges: ``q -> y_i`` (the fork) and, with a collider, ``y_i -> y_n,l`` and ``q -> y_n,l``. Each context

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def as_dataclass(cls: type[T], value: T | Mapping[str, Any] | None) -> T:
@@ -18,8 +21,9 @@ def as_dataclass(cls: type[T], value: T | Mapping[str, Any] | None) -> T:
         return value
     if value is None:
         return cls()
+    mapping = cast(Mapping[str, Any], value)  # neither a ``cls`` nor ``None``: a mapping of its fields
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(value) - known)
+    unknown = sorted(set(mapping) - known)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known keys are {sorted(known)}")
-    return cls(**value)
+    return cls(**mapping)

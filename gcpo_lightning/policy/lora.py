@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -68,8 +68,11 @@ class LoRAConfig:
 
         self.validate()
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
-                          bias=self.bias, init_lora_weights=self.init_weights, task_type="CAUSAL_LM")
+        bias = cast(Literal["none", "all", "lora_only"], self.bias)  # one of BIASES: checked by validate()
+        return LoraConfig(r=self.r,
+                          lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft annotates int; it uses alpha / r
+                          lora_dropout=self.dropout, target_modules=targets,
+                          bias=bias, init_lora_weights=self.init_weights, task_type="CAUSAL_LM")
 
 
 torch.serialization.add_safe_globals([LoRAConfig])  # saved in checkpoints' hyper-parameters; loads with weights_only
@@ -258,7 +261,7 @@ def merged_state_dict(model: Any, dtype: torch.dtype | None = None) -> dict[str,
             layer = module.get_base_layer()
             put(f"{prefix}weight", dequantized_weight(layer, torch.float32) + _lora_delta(module, torch.float32))
             if getattr(layer, "bias", None) is not None:
-                put(f"{prefix}bias", layer.bias)
+                put(f"{prefix}bias", cast(Tensor, layer.bias))  # a linear layer's bias (checked not None)
             continue
         if getattr(getattr(module, "weight", None), "quant_state", None) is not None:
             put(f"{prefix}weight", dequantized_weight(module, torch.float32))

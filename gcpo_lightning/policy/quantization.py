@@ -17,13 +17,16 @@ import importlib.util
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from gcpo_lightning.policy.dataclass_args import as_dataclass
 from gcpo_lightning.policy.loading import load_causal_lm
+
+if TYPE_CHECKING:
+    from bitsandbytes.nn import Linear4bit, Params4bit
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -144,7 +147,7 @@ def load_quantized(name_or_path: str, model_kwargs: Mapping[str, Any] | None = N
     return model
 
 
-def linear4bit_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def linear4bit_modules(model: nn.Module) -> Iterator[tuple[str, Linear4bit]]:
     """``(name, module)`` of every bitsandbytes ``Linear4bit`` in ``model`` (none when bnb is not installed)."""
     if importlib.util.find_spec("bitsandbytes") is None:
         return
@@ -181,12 +184,12 @@ def set_cpu_packing(model: nn.Module, enabled: bool) -> int:
     for _, module in linear4bit_modules(model):
         n += 1
         module.support_avx512bf16_for_cpu = enabled and has_avx512bf16()
-        state = module.weight.quant_state
+        weight = cast("Params4bit", module.weight)  # a Linear4bit's weight (the stub keeps nn.Linear's Parameter)
+        state = weight.quant_state
         if not enabled and state is not None and getattr(state, "packing_format_for_cpu", False):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state)
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
             repacked += 1
     if repacked:
         warnings.warn(f"set_cpu_packing: {repacked} layers had been repacked for CPU inference; converted back "
@@ -201,13 +204,14 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> T
         module: an ``nn.Linear`` or a bitsandbytes ``Linear4bit``.
         dtype: the result's dtype (default: the layer's compute dtype, or the weight's own dtype).
     """
-    weight = module.weight
+    weight = cast(Tensor, module.weight)  # a Parameter, or a bitsandbytes Params4bit
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight.detach() if dtype is None else weight.detach().to(dtype)
     if getattr(state, "packing_format_for_cpu", False):
         set_cpu_packing(module, False)
-        weight, state = module.weight, module.weight.quant_state
+        weight = cast("Params4bit", module.weight)  # repacking replaced the weight's data and state
+        state = weight.quant_state
     from bitsandbytes.functional import dequantize_4bit
 
     dense = dequantize_4bit(weight.data, state)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
-def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+
+def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     """Every FSDP2-sharded submodule of ``model`` (empty when it is not sharded)."""
     from torch.distributed.fsdp import FSDPModule
 
@@ -93,4 +96,5 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return cast(dict[str, Tensor], state)  # a module's state dict: tensors (the stub's value type is wider)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from gcpo_lightning.rewards.math_answers import (
     GOLD_STYLES,
@@ -199,7 +199,8 @@ class TagFormat:
         spans = [tag_span(completion, tag) for tag in self.tags]
         if any(span is None for span in spans):
             return 0.0
-        blocks: list[Span] = spans if self.require_order else sorted(spans)  # type: ignore[arg-type]
+        found = cast(list[Span], spans)  # no None: checked just above
+        blocks = found if self.require_order else sorted(found)
         if any(left[1] > right[0] for left, right in itertools.pairwise(blocks)):
             return 0.0
         return 0.0 if self.strict and not _only_whitespace_outside(completion, blocks) else 1.0

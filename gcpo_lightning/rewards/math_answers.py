@@ -405,10 +405,10 @@ def _latex_to_python(text: str) -> str | None:
 
 def _power(base: Number, exponent: Number) -> Number:
     """``base ** exponent``: exact for small integer exponents of a fraction, else a real float."""
-    if abs(exponent) > _MAX_EXPONENT:
+    if exponent > _MAX_EXPONENT or exponent < -_MAX_EXPONENT:  # abs(exponent) > _MAX_EXPONENT, typed
         raise ValueError("exponent too large")
-    exact = isinstance(base, Fraction) and isinstance(exponent, Fraction) and exponent.denominator == 1
-    if exact and max(abs(base.numerator), base.denominator).bit_length() * abs(exponent) <= _MAX_EXACT_BITS:
+    if (isinstance(base, Fraction) and isinstance(exponent, Fraction) and exponent.denominator == 1
+            and max(abs(base.numerator), base.denominator).bit_length() * abs(exponent) <= _MAX_EXACT_BITS):
         return base ** int(exponent)
     return math.pow(float(base), float(exponent))  # ValueError for a complex result, OverflowError when huge
 

@@ -1295,9 +1295,10 @@ def _start(
         command, env, cwd, pass_fds = argv, _environment(workdir), workdir, fds
         seccomp = _seccomp_fd(None)
     else:
-        bwrap = bwrap_executable()
-        if bwrap is None:
+        found = bwrap_executable()
+        if found is None:
             raise IsolationError(_missing_bwrap_message())
+        bwrap = found
         python = sys.executable if limits.site_packages else os.path.realpath(sys.executable)
         seccomp = _seccomp_fd(seccomp_program())
         env, cwd = {"PATH": "/usr/bin:/bin"}, "/"

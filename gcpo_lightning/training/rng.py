@@ -13,7 +13,7 @@ the uninterrupted one exactly, two more things are saved:
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -22,7 +22,9 @@ import torch.distributed as dist
 
 def numpy_state() -> tuple[str, torch.Tensor, int, int, float]:
     """NumPy's global state with its key array as a tensor (checkpoints load with ``weights_only=True``)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # the global generator is an MT19937, whose legacy state is this tuple (numpy's stub also allows a dict)
+    state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    name, keys, pos, has_gauss, gauss = state
     return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)
 
 

@@ -13,6 +13,8 @@ from gcpo_lightning.interfaces.protocols import ProjectedKL
 
 def reference_logps(rollout: Rollout, models: PolicyModels, batch_size: int = 64) -> Tensor:
     """``log pi_ref(y_t | q, y_<t)`` for every completion token, ``[N, T]``, temperature applied, no grad."""
+    if models.reference is None:
+        raise ValueError("reference_logps: models.reference is None; a reference model is needed to score against")
     return score_in_batches(models.reference, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
                             rollout.completion_mask, models.temperature, batch_size=batch_size,
                             logits_chunk_size=models.logits_chunk_size).logps
@@ -49,5 +51,7 @@ class ReferenceKL(ProjectedKL):
         """``beta * k3(pi_ref / pi_theta)`` per token, and the mean KL for logging."""
         if not self.needs_reference:
             return Penalty(per_token=torch.zeros_like(scores.logps))
+        if prepared.ref_logps is None:
+            raise ValueError("ReferenceKL.penalty: prepared.ref_logps is None; pass what ReferenceKL.prepare returned")
         kl = k3(prepared.ref_logps - scores.logps)  # [N, T]
         return Penalty(per_token=self.beta * kl, metrics={"kl": masked_mean(kl.detach(), rollout.completion_mask)})

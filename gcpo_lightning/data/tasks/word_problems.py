@@ -78,7 +78,7 @@ class Story:
         self.items, self.thing = rng.choice(ITEMS), rng.choice(THINGS)
         self.lines: list[str] = []
 
-    def text(self, template: str, **numbers: int) -> str:
+    def text(self, template: str, **numbers: int | str) -> str:
         """``template`` filled with the cast and ``numbers``."""
         return template.format(**vars(self), **numbers)
 
