@@ -8,12 +8,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gcpo_lightning import ColliderGraphBuilder, GroupSampler
 from gcpo_lightning.components.sampling.backends import HFGenerate
 from gcpo_lightning.components.sampling.decoding import decode, decode_shared_prefix
 from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _own_random_stream():
+    """These tests seed torch's generator; fork it so that later tests see the stream they would without them."""
+    with torch.random.fork_rng():
+        yield
 
 
 def _model(model_dir):
