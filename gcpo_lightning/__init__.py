@@ -20,6 +20,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _PUBLIC: dict[str, str] = {
+    "PolicyBuilder": "policy.builder",
+    "SequenceMean": "components.aggregation",
+    "TokenMean": "components.aggregation",
+    "ConstantNormalizer": "components.aggregation",
+    "Cosine": "components.adjusters.similarity",
+    "Euclidean": "components.adjusters.similarity",
+    "Gaussian": "components.adjusters.similarity",
+    "KVCacheLoop": "components.sampling.backends",
+    "HFGenerate": "components.sampling.backends",
     "Advantages": "interfaces.containers",
     "ArithmeticDataModule": "data.datamodules",
     "CausalAdvantage": "components.adjusters.causal",
@@ -70,15 +79,19 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from gcpo_lightning.components.adjusters.causal import CausalAdvantage
     from gcpo_lightning.components.adjusters.group_normalized import GroupNormalizedAdvantage
+    from gcpo_lightning.components.adjusters.similarity import Cosine, Euclidean, Gaussian
+    from gcpo_lightning.components.aggregation import ConstantNormalizer, SequenceMean, TokenMean
     from gcpo_lightning.components.graphs.collider import ColliderGraphBuilder
     from gcpo_lightning.components.graphs.independent import IndependentResponses
     from gcpo_lightning.components.penalties.causal_kl import CausalProjectedKL
     from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
+    from gcpo_lightning.components.sampling.backends import HFGenerate, KVCacheLoop
     from gcpo_lightning.components.sampling.group_sampler import GroupSampler
     from gcpo_lightning.data.datamodules import ArithmeticDataModule, HFPromptDataModule, WordProblemDataModule
     from gcpo_lightning.interfaces.containers import Advantages, CausalGraph, Penalty, PolicyModels, Rollout, Scores
     from gcpo_lightning.interfaces.protocols import CausalGraphBuilder, ProjectedKL, RewardAdjuster, RewardFn, Sampler
     from gcpo_lightning.module import GCPOModule
+    from gcpo_lightning.policy.builder import PolicyBuilder
     from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy
     from gcpo_lightning.rewards.code import CodeExecution
     from gcpo_lightning.rewards.math import MathAccuracy, TagFormat

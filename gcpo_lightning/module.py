@@ -7,7 +7,6 @@ states, completion tables, per-problem results) from callbacks (``configure_call
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import lightning as L
@@ -15,33 +14,26 @@ import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
-from torch.nn.utils import clip_grad_norm_
 
 from gcpo_lightning.components.adjusters.group_normalized import GroupNormalizedAdvantage
 from gcpo_lightning.components.aggregation import LossAggregation, SequenceMean
 from gcpo_lightning.components.graphs.independent import IndependentResponses
 from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
 from gcpo_lightning.components.sampling.group_sampler import GroupSampler
-from gcpo_lightning.components.scoring.logprobs import score_completions
 from gcpo_lightning.evaluation.evaluator import HeldOutEvaluation, ProblemResults
-from gcpo_lightning.functional.batching import mini_batches
-from gcpo_lightning.functional.losses import clip_fractions, masked_mean, policy_loss
-from gcpo_lightning.interfaces.containers import Advantages, PenaltyInputs, PolicyModels, Rollout
+from gcpo_lightning.interfaces.containers import PenaltyInputs, PolicyModels, Rollout
 from gcpo_lightning.interfaces.protocols import CausalGraphBuilder, ProjectedKL, RewardAdjuster, RewardFn, Sampler
 from gcpo_lightning.policy.builder import PolicyBuilder
-from gcpo_lightning.policy.sharding import full_parameters, full_tensor
+from gcpo_lightning.policy.sharding import full_parameters
 from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy
-from gcpo_lightning.rewards.base import compute_rewards
-from gcpo_lightning.training.checks import check_data, check_fits, settings_errors
+from gcpo_lightning.rewards.base import rollout_rewards
+from gcpo_lightning.training.checks import check_data, check_fits, needs_rollout_scores, settings_errors
 from gcpo_lightning.training.completions import CompletionsTable
-from gcpo_lightning.training.distributed import check_strategy, gather_across_ranks, rank_share
-from gcpo_lightning.training.hparams import INSTANTIATOR, NotConfigurable, read_hparams, to_config
+from gcpo_lightning.training.distributed import check_strategy, gather_across_ranks
+from gcpo_lightning.training.hparams import RebuildsComponents
 from gcpo_lightning.training.metrics import StepLogger, timed
 from gcpo_lightning.training.state import RandomStateCheckpoint, SkipCounter
-
-# Lightning warns that with manual optimisation a step-interval checkpoint holds the weights *after* the step:
-# that is what we want (weights, optimiser state and step counter agree; exact resume is tested).
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+from gcpo_lightning.training.update import micro_batch_loss, update_policy
 
 COMPONENTS = ("policy_builder", "sampler", "graph_builder", "adjuster", "kl", "loss", "reward_funcs")
 """Init arguments that are components: saved as their configs, so that a checkpoint rebuilds them."""
@@ -52,7 +44,7 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
 
 
-class GCPOModule(L.LightningModule):
+class GCPOModule(RebuildsComponents, L.LightningModule):
     """Group-based RL post-training (GRPO, and GCPO with the causal components) of a causal language model.
 
     Args:
@@ -119,6 +111,8 @@ class GCPOModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.policy_builder = policy_builder
+        if policy_builder.saves_adapters_only:
+            self.strict_loading = False  # QLoRA checkpoints hold the adapters only
         self.reward_funcs = list(reward_funcs) if reward_funcs is not None else [arithmetic_accuracy]
         self.reward_weights = list(reward_weights) if reward_weights is not None else [1.0] * len(self.reward_funcs)
         self.accuracy_reward = accuracy_reward
@@ -129,8 +123,10 @@ class GCPOModule(L.LightningModule):
         self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.max_grad_norm = max_grad_norm
-        self.log_completions_every_n_steps, self.num_completions_to_log = log_completions_every_n_steps, num_completions_to_log
-        self.eval_num_samples, self.eval_pass_at, self.eval_results_path = eval_num_samples, eval_pass_at, eval_results_path
+        self.log_completions_every_n_steps = log_completions_every_n_steps
+        self.num_completions_to_log = num_completions_to_log
+        self.eval_num_samples, self.eval_pass_at = eval_num_samples, eval_pass_at
+        self.eval_results_path = eval_results_path
         self.max_consecutive_skips = max_consecutive_skips
         errors = settings_errors(self) + policy_builder.errors()
         if errors:
@@ -142,37 +138,7 @@ class GCPOModule(L.LightningModule):
         self.evaluation = HeldOutEvaluation(eval_num_samples, eval_pass_at)
         self.step_logger = StepLogger()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *COMPONENTS])
-        self.save_component_configs()
-
-    def save_component_configs(self) -> None:
-        """Store every component as its ``class_path`` config in the hyperparameters, with Lightning's
-        instantiator, so that ``load_from_checkpoint`` rebuilds the same system (not the defaults). A component
-        that cannot be described (a lambda, an object without its init args as attributes) is listed under
-        ``_not_rebuildable`` instead, and :meth:`load_from_checkpoint` asks for it by name."""
-        not_rebuildable = {}
-        for name in COMPONENTS:
-            try:
-                self.hparams[name] = to_config(getattr(self, name), name)
-            except NotConfigurable as err:
-                self.hparams.pop(name, None)
-                not_rebuildable[name] = str(err)
-        self.hparams["_not_rebuildable"] = not_rebuildable
-        self.hparams["_instantiator"] = INSTANTIATOR
-        self.hparams.pop("_class_path", None)
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> GCPOModule:  # type: ignore[override]
-        """The trained module, with the components it was trained with (their classes and init args).
-
-        Components the checkpoint could not describe must be given by keyword (e.g. ``reward_funcs=[my_fn]``).
-        """
-        hparams = read_hparams(checkpoint_path)
-        missing = {k: v for k, v in hparams.get("_not_rebuildable", {}).items() if k not in kwargs}
-        if missing:
-            raise ValueError(f"GCPOModule.load_from_checkpoint({checkpoint_path}): the checkpoint cannot rebuild "
-                             + "; ".join(f"{k} ({v})" for k, v in missing.items())
-                             + f"; pass {', '.join(f'{k}=...' for k in missing)} to load_from_checkpoint")
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[return-value]
+        self.save_component_configs(COMPONENTS)
 
     # ----- set-up: checks, models, callbacks -------------------------------------------------------------------
 
@@ -188,8 +154,8 @@ class GCPOModule(L.LightningModule):
         if self.policy is not None:
             return
         built = self.policy_builder.build(self.kl.needs_reference, self.device, self._device_mesh)
-        self.policy, self.tokenizer, self._reference = built.policy, built.tokenizer, [built.reference] * (
-            built.reference is not None)
+        self.policy, self.tokenizer = built.policy, built.tokenizer
+        self._reference = [] if built.reference is None else [built.reference]
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The run's bookkeeping: random states in checkpoints, completion tables, per-problem results."""
@@ -201,15 +167,21 @@ class GCPOModule(L.LightningModule):
         return callbacks
 
     @property
+    def built_policy(self) -> torch.nn.Module:
+        """The policy; raises if ``configure_model`` has not built it yet."""
+        if self.policy is None:
+            raise RuntimeError("GCPOModule: the policy is not built yet (configure_model builds it)")
+        return self.policy
+
+    @property
     def reference(self) -> Any | None:
         """The frozen reference model, or ``None`` when the penalty does not need one."""
         return self._reference[0] if self._reference else None
 
     def models(self) -> PolicyModels:
         """The models bundle handed to components."""
-        return PolicyModels(policy=self.policy, tokenizer=self.tokenizer, reference=self.reference,
-                            temperature=self.sampler.temperature or 1.0, render=self.render,
-                            logits_chunk_size=self.policy_builder.logits_chunk_size)
+        return PolicyModels(self.policy, self.tokenizer, self.reference, self.sampler.temperature or 1.0, self.render,
+                            self.policy_builder.logits_chunk_size)
 
     def render(self, text: str) -> str:
         """``text`` as fed to the model (chat template applied where used)."""
@@ -229,30 +201,19 @@ class GCPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Skip counters; with a 4-bit base (QLoRA) only the trainable adapters (the base is rebuilt on load)."""
-        if self.policy_builder.saves_adapters_only:
-            keep = self.trainable_keys()
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if not k.startswith("policy.") or k in keep}
+        checkpoint["state_dict"] = self.policy_builder.checkpoint_state(checkpoint["state_dict"], self.built_policy)
         checkpoint["gcpo_counters"] = self.skips.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Build the models when loading outside a Trainer, check QLoRA adapters, restore the skip counters."""
         if any(k.startswith("policy.") for k in checkpoint.get("state_dict", {})):
             self.configure_model()  # outside a Trainer (load_from_checkpoint); a no-op when already built
-        self.strict_loading = not self.policy_builder.saves_adapters_only
-        if self.policy_builder.saves_adapters_only:
-            missing = sorted(self.trainable_keys() - checkpoint["state_dict"].keys())
-            if missing:
-                raise KeyError(f"GCPOModule: the checkpoint lacks {len(missing)} adapter weights, e.g. {missing[:3]}")
+            self.policy_builder.check_checkpoint(checkpoint["state_dict"], self.built_policy)
         self.skips.load_state_dict(checkpoint.get("gcpo_counters", {}))
-
-    def trainable_keys(self) -> set[str]:
-        """State-dict keys of the policy's trainable parameters."""
-        return {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
 
     def configure_optimizers(self) -> Any:
         """The optimizer (and scheduler) built from the injected factories."""
-        opt = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])  # LoRA: adapters
+        opt = self.optimizer_factory([p for p in self.built_policy.parameters() if p.requires_grad])  # LoRA: adapters
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
@@ -263,9 +224,9 @@ class GCPOModule(L.LightningModule):
         """1 sample and score, 2 reward, 3 causal graph, 4 advantages, 5 penalty inputs, 6 clipped updates."""
         metrics: dict[str, float] = {}
         models = self.models()
-        with full_parameters(self.policy):  # FSDP: gather once for the whole no-grad rollout phase
-            rollout = self.sampler.sample(models, self.prompts_for(batch), self.num_generations,  # 1
-                                          score=self.needs_rollout_scores(len(batch)))
+        with full_parameters(self.built_policy):  # FSDP: gather once for the whole no-grad rollout phase
+            score = needs_rollout_scores(self, len(batch))  # 1
+            rollout = self.sampler.sample(models, self.prompts_for(batch), self.num_generations, score=score)
             rollout.rows = batch
             with timed(metrics, "rewards"):  # 2
                 rewards, per_func = self.score_rewards(rollout)
@@ -276,7 +237,7 @@ class GCPOModule(L.LightningModule):
             with timed(metrics, "reference"):  # 5
                 prepared = self.kl.prepare(rollout, graph, models)
         with timed(metrics, "update"):  # 6
-            metrics.update(self.update(rollout, advantages, prepared, models))
+            metrics.update(update_policy(self, rollout, advantages, prepared, models))
         metrics.update(rollout.metrics, **graph.metrics, **advantages.metrics, skipped_steps=float(self.skips.total))
         self.step_logger.log(self, rollout, batch_rewards, gather_across_ranks(per_func), metrics)
         return {"rollout": rollout, "rewards": batch_rewards[: len(rollout.completions)], "step": self.global_step}
@@ -287,86 +248,19 @@ class GCPOModule(L.LightningModule):
 
     def score_rewards(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
         """``[N]`` total and ``[N, F]`` per-function rewards of the rollout's completions, on this device."""
-        columns = {k: v for k, v in rollout.row_columns().items() if k != "prompt"}
-        prompts = [r["prompt"] for r in rollout.rows for _ in range(rollout.group_size)]
-        total, per_func = compute_rewards(self.reward_funcs, self.reward_weights, prompts, rollout.completions, columns)
+        total, per_func = rollout_rewards(self.reward_funcs, self.reward_weights, rollout)
         return total.to(self.device), per_func.to(self.device)
 
-    def needs_rollout_scores(self, num_prompts: int) -> bool:
-        """Whether the rollout must be re-scored before the update (old log-probs, hidden states).
-
-        Not when the update is one on-policy step over the whole rollout (then ``pi_old`` is the current policy and
-        its log-probs come from the update's own pass, as in TRL) and no component reads representations.
-        Components declare ``needs_representations = False`` to allow this; unknown components are assumed to
-        need them.
-        """
-        one_step = self.num_iterations == 1 and (self.mini_batch_size or 0) in (0, num_prompts * self.num_generations)
-        reads = any(getattr(c, "needs_representations", True) for c in (self.graph_builder, self.adjuster, self.kl))
-        return not one_step or reads
-
-    def update(self, rollout: Rollout, advantages: Advantages, prepared: PenaltyInputs, models: PolicyModels) -> dict:
-        """6: ``num_iterations`` passes of clipped-surrogate steps against the rollout's old log-probs."""
-        stats: dict[str, list[float]] = {}
-        for _ in range(self.num_iterations):
-            for index in mini_batches(len(rollout.completions), self.num_generations, self.mini_batch_size,
-                                      self.device):
-                step = self.optimisation_step(rollout.select(index), advantages.values[index], prepared.select(index),
-                                              models)
-                for k, v in step.items():
-                    stats.setdefault(k, []).append(v)
-        return {k: sum(v) / len(v) for k, v in stats.items()}
-
-    def optimisation_step(self, mb: Rollout, adv: Tensor, prepared: PenaltyInputs, models: PolicyModels) -> dict:
-        """One optimiser step on a mini-batch, accumulated over micro-batches; non-finite steps are skipped."""
-        opt = self.optimizers()
-        opt.zero_grad(set_to_none=True)
-        stats: dict[str, float] = {}
-        share = rank_share(mb.completion_mask.sum()) if self.loss.token_weighted else 1.0  # this rank's token share
-        for index, weight in self.loss.micro_batches(mb.completion_mask, self.micro_batch_size):
-            micro, micro_adv = mb.select(index), adv[index]
-            loss, micro_stats = self.compute_loss(micro, micro_adv, prepared.select(index), models)
-            if not torch.isfinite(loss):
-                return self.skips.skip(opt, "loss", self.global_step)
-            self.manual_backward(loss * weight * share)
-            for k, v in micro_stats.items():
-                stats[k] = stats.get(k, 0.0) + weight * v
-        grad_norm = full_tensor(clip_grad_norm_(self.policy.parameters(), self.max_grad_norm or float("inf")))
-        if not torch.isfinite(grad_norm):
-            return self.skips.skip(opt, "gradient", self.global_step)
-        opt.step()
-        self.skips.reset()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        return {**stats, "grad_norm": grad_norm.item()}
-
-    def compute_loss(self, mb: Rollout, adv: Tensor, prepared: PenaltyInputs, models: PolicyModels
-                     ) -> tuple[Tensor, dict[str, float]]:
+    def compute_loss(self, mb: Rollout, adv: Tensor, prepared: PenaltyInputs, models: PolicyModels) -> tuple[Tensor, dict]:
         """``-J`` on a micro-batch under the current policy (paper Eq. 10, 12), and its statistics."""
-        scores = score_completions(self.policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
-                                   temperature=models.temperature, logits_chunk_size=models.logits_chunk_size)
-        penalty = self.kl.penalty(scores, mb, prepared, models)  # 6b
-        old_logps = scores.logps.detach() if mb.old_logps is None else mb.old_logps  # on-policy: pi_old = pi_theta
-        mask = mb.completion_mask.float()
-        loss, ratio = policy_loss(scores.logps, old_logps, adv, mask, penalty.per_token, self.epsilon,  # 6a, 6c
-                                  self.epsilon_high, self.loss, self.sampler.max_completion_length)
-        if not torch.isfinite(loss):
-            return loss, {}
-        clips = clip_fractions(ratio.detach(), adv, mask, self.epsilon, self.epsilon_high)
-        stats = {"loss": loss.item(), "entropy": masked_mean(scores.entropy, mask), **penalty.metrics}
-        return loss, {**stats, **{f"clip_ratio/{k}_mean": v.item() for k, v in clips.items()}}
+        return micro_batch_loss(self, mb, adv, prepared, models)
 
     # ----- held-out evaluation ---------------------------------------------------------------------------------
 
     def validation_step(self, batch: list[dict[str, Any]], batch_idx: int) -> dict[str, Any]:
         """``eval_num_samples`` completions per held-out problem (greedy when 1), scored by the reward functions."""
-        k = self.evaluation.num_samples
-        with full_parameters(self.policy):
-            rollout = self.sampler.sample(self.models(), self.prompts_for(batch), k, greedy=k == 1, score=False)
-        rollout.rows = batch
-        rewards, per_func = self.score_rewards(rollout)
-        return self.evaluation.update(rollout, rewards, per_func[:, self.accuracy_reward],
-                                      self.reward_funcs[self.accuracy_reward])
+        with full_parameters(self.built_policy):
+            return self.evaluation.step(self, batch)
 
     test_step = validation_step
 

@@ -35,6 +35,16 @@ class HeldOutEvaluation(nn.Module):
         self.reward = MeanMetric()
         self.baseline_accuracy: float | None = None
 
+    def step(self, module: Any, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Answer a batch of held-out problems with ``module``'s sampler (greedy when one sample), score them with
+        its reward functions and add them; returns what callbacks read."""
+        k = self.num_samples
+        rollout = module.sampler.sample(module.models(), module.prompts_for(batch), k, greedy=k == 1, score=False)
+        rollout.rows = batch
+        rewards, per_func = module.score_rewards(rollout)
+        accuracy = module.accuracy_reward
+        return self.update(rollout, rewards, per_func[:, accuracy], module.reward_funcs[accuracy])
+
     def update(self, rollout: Rollout, rewards: Tensor, accuracy: Tensor, accuracy_fn: Any) -> dict[str, Any]:
         """Add one batch: ``[P*k]`` total rewards and accuracy-reward values; returns what callbacks read."""
         k = self.num_samples
@@ -83,7 +93,7 @@ class ProblemResults(L.Callback):
         self.path = path
         self.written = 0  # index of the next record of the current evaluation
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         """Append the batch's records (a new file, indices from 0, at the first batch)."""
         stage = "test" if trainer.testing else "val"

@@ -47,6 +47,10 @@ class Rollout:
         """``[N, P+T]`` the mask matching :meth:`input_ids`."""
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
+    def scoring_inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(prompt_ids, prompt_mask, completion_ids, completion_mask)``, the arguments of a scoring pass."""
+        return self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask
+
     def row_columns(self) -> dict[str, list[Any]]:
         """Every data column repeated ``G`` times, so that each list has one entry per completion."""
         keys = self.rows[0].keys() if self.rows else []

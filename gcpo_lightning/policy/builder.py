@@ -91,12 +91,25 @@ class PolicyBuilder:
         """QLoRA: checkpoints hold the adapters only; the 4-bit base is rebuilt from ``model_name_or_path``."""
         return self.quantization is not None
 
+    def checkpoint_state(self, state_dict: dict[str, Any], policy: nn.Module) -> dict[str, Any]:
+        """The module state to save: with QLoRA, the policy's trainable adapters only (``policy.`` keys)."""
+        if not self.saves_adapters_only:
+            return state_dict
+        keep = trainable_keys(policy)
+        return {k: v for k, v in state_dict.items() if not k.startswith("policy.") or k in keep}
+
+    def check_checkpoint(self, state_dict: dict[str, Any], policy: nn.Module) -> None:
+        """With QLoRA, raise if the checkpoint lacks adapter weights the policy trains."""
+        missing = sorted(trainable_keys(policy) - state_dict.keys()) if self.saves_adapters_only else []
+        if missing:
+            raise KeyError(f"GCPOModule: the checkpoint lacks {len(missing)} adapter weights, e.g. {missing[:3]}")
+
     def build(self, needs_reference: bool, device: torch.device | str, mesh: Any = None) -> BuiltModels:
         """Load the tokenizer and policy (LoRA, gradient checkpointing, FSDP2 over ``mesh``) and the reference."""
         tokenizer = load_tokenizer(self.model_name_or_path)
         policy = self.load(self.quantization)
         if self.gradient_checkpointing:
-            policy.activation_checkpointing_enable({"use_reentrant": False})  # transformers' gradient checkpointing
+            policy.activation_checkpointing_enable({"use_reentrant": False})  # type: ignore[operator]  # transformers' gradient checkpointing
         if self.lora is not None:
             policy = apply_lora(policy, self.lora)
         if mesh is not None:  # ModelParallelStrategy (FSDP2)
@@ -121,3 +134,8 @@ class PolicyBuilder:
     def render(self, tokenizer: Any, text: str) -> str:
         """``text`` as fed to the model (chat template applied where used)."""
         return render_prompt(tokenizer, text, self.use_chat_template, self.system_prompt)
+
+
+def trainable_keys(policy: nn.Module) -> set[str]:
+    """The module state-dict keys (``policy.`` prefix) of the policy's trainable parameters."""
+    return {f"policy.{n}" for n, p in policy.named_parameters() if p.requires_grad}

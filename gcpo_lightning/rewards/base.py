@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gcpo_lightning.interfaces.containers import Rollout
 from gcpo_lightning.interfaces.protocols import RewardFn
 
 
@@ -68,3 +69,11 @@ def compute_rewards(
     ).T  # [N, F]
     total = per_func @ torch.tensor(list(weights), dtype=torch.float32)  # [N]
     return total, per_func
+
+
+def rollout_rewards(funcs: Sequence[RewardFn], weights: Sequence[float], rollout: Rollout) -> tuple[Tensor, Tensor]:
+    """``[N]`` total and ``[N, F]`` per-function rewards of a rollout: each function sees every completion with its
+    prompt and its data row's other columns (repeated ``G`` times, as in TRL)."""
+    columns = {k: v for k, v in rollout.row_columns().items() if k != "prompt"}
+    prompts = [r["prompt"] for r in rollout.rows for _ in range(rollout.group_size)]
+    return compute_rewards(list(funcs), list(weights), prompts, rollout.completions, columns)

@@ -80,3 +80,16 @@ def check_fits(m: Any, dm: Any) -> None:
     if rows and check is not None:
         question = max((r.get("question", r["prompt"]) for r in rows[:1000]), key=len)
         check(m.models(), question, m.num_generations, m.sampler.max_completion_length)
+
+
+def needs_rollout_scores(m: Any, num_prompts: int) -> bool:
+    """Whether the rollout must be re-scored before the update (old log-probs, hidden states).
+
+    Not when the update is one on-policy step over the whole rollout (then ``pi_old`` is the current policy and
+    its log-probs come from the update's own pass, as in TRL) and no component reads representations.
+    Components declare ``needs_representations = False`` to allow this; unknown components are assumed to
+    need them.
+    """
+    one_step = m.num_iterations == 1 and (m.mini_batch_size or 0) in (0, num_prompts * m.num_generations)
+    reads = any(getattr(c, "needs_representations", True) for c in (m.graph_builder, m.adjuster, m.kl))
+    return not one_step or reads

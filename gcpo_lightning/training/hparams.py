@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +75,43 @@ def read_hparams(checkpoint_path: Any) -> dict[str, Any]:
         return {}
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     return dict(checkpoint.get("hyper_parameters", {}))
+
+
+class RebuildsComponents:
+    """Mixin for a LightningModule (listed before it) whose init arguments include components.
+
+    ``save_component_configs`` (called in ``__init__`` after ``save_hyperparameters``) stores each component's
+    config; ``load_from_checkpoint`` then rebuilds the same components.
+    """
+
+    hparams: Any
+
+    def save_component_configs(self, components: Sequence[str]) -> None:
+        """Store every component as its ``class_path`` config in the hyperparameters, with Lightning's
+        instantiator, so that ``load_from_checkpoint`` rebuilds the same system (not the defaults). A component
+        that cannot be described (a lambda, an object without its init args as attributes) is listed under
+        ``_not_rebuildable`` instead, and :meth:`load_from_checkpoint` asks for it by name."""
+        not_rebuildable = {}
+        for name in components:
+            try:
+                self.hparams[name] = to_config(getattr(self, name), name)
+            except NotConfigurable as err:
+                self.hparams.pop(name, None)
+                not_rebuildable[name] = str(err)
+        self.hparams["_not_rebuildable"] = not_rebuildable
+        self.hparams["_instantiator"] = INSTANTIATOR
+        self.hparams.pop("_class_path", None)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """The trained module, with the components it was trained with (their classes and init args).
+
+        Components the checkpoint could not describe must be given by keyword (e.g. ``reward_funcs=[my_fn]``).
+        """
+        hparams = read_hparams(checkpoint_path)
+        missing = {k: v for k, v in hparams.get("_not_rebuildable", {}).items() if k not in kwargs}
+        if missing:
+            raise ValueError(f"{cls.__name__}.load_from_checkpoint({checkpoint_path}): the checkpoint cannot rebuild "
+                             + "; ".join(f"{k} ({v})" for k, v in missing.items())
+                             + f"; pass {', '.join(f'{k}=...' for k in missing)} to load_from_checkpoint")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import lightning as L
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -74,9 +73,9 @@ class StepLogger(nn.Module):
         super().__init__()
         self.reward, self.accuracy = MeanMetric(), MeanMetric()
 
-    def log(self, module: L.LightningModule, rollout: Rollout, rewards: Tensor, per_func: Tensor,
+    def log(self, module: Any, rollout: Rollout, rewards: Tensor, per_func: Tensor,
             metrics: dict[str, float]) -> None:
-        """Log the step (rewards of all ranks: ``[W*N]`` and ``[W*N, F]``)."""
+        """Log the step on ``module`` (a GCPOModule; rewards of all ranks: ``[W*N]`` and ``[W*N, F]``)."""
         funcs = module.reward_funcs
         self.reward(rewards)
         self.accuracy(per_func[:, module.accuracy_reward])

@@ -1,0 +1,78 @@
+"""Step 6 of the algorithm, one optimiser step: micro-batch accumulation, rank weighting, clipping, skips.
+
+The loss of a micro-batch is the module's ``compute_loss`` (paper Eq. 10, 12); this function accumulates it over
+the micro-batches of a mini-batch with the weights the ``loss`` component declares, so the accumulated gradient is
+the mini-batch's (and, with ``token_weighted`` losses, the global token mean's across ranks).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from torch import Tensor
+from torch.nn.utils import clip_grad_norm_
+
+from gcpo_lightning.components.scoring.logprobs import score_completions
+from gcpo_lightning.functional.batching import mini_batches
+from gcpo_lightning.functional.losses import clip_fractions, masked_mean, policy_loss
+from gcpo_lightning.interfaces.containers import Advantages, PenaltyInputs, PolicyModels, Rollout
+from gcpo_lightning.policy.sharding import full_tensor
+from gcpo_lightning.training.distributed import rank_share
+
+
+def micro_batch_loss(m: Any, mb: Rollout, adv: Tensor, prepared: PenaltyInputs, models: PolicyModels
+                     ) -> tuple[Tensor, dict[str, float]]:
+    """``-J`` of module ``m`` on a micro-batch under the current policy (paper Eq. 10, 12), and its statistics."""
+    scores = score_completions(m.built_policy, *mb.scoring_inputs(), temperature=models.temperature,
+                               logits_chunk_size=models.logits_chunk_size)
+    penalty = m.kl.penalty(scores, mb, prepared, models)  # 6b
+    old_logps = scores.logps.detach() if mb.old_logps is None else mb.old_logps  # on-policy: pi_old = pi_theta
+    mask, clip = mb.completion_mask.float(), (m.epsilon, m.epsilon_high)
+    loss, ratio = policy_loss(scores.logps, old_logps, adv, mask, penalty.per_token, *clip, m.loss,  # 6a, 6c
+                              m.sampler.max_completion_length)
+    if not torch.isfinite(loss):
+        return loss, {}
+    clips = clip_fractions(ratio.detach(), adv, mask, *clip)
+    entropy = masked_mean(scores.entropy, mask) if scores.entropy is not None else float("nan")
+    stats = {"loss": loss.item(), "entropy": entropy, **penalty.metrics}
+    return loss, {**stats, **{f"clip_ratio/{k}_mean": v.item() for k, v in clips.items()}}
+
+
+def optimisation_step(m: Any, mb: Rollout, adv: Tensor, prepared: PenaltyInputs, models: PolicyModels) -> dict:
+    """One optimiser step of module ``m`` on a mini-batch; a non-finite loss or gradient skips the step."""
+    opt = cast(LightningOptimizer, m.optimizers())
+    opt.zero_grad(set_to_none=True)
+    stats: dict[str, float] = {}
+    share = rank_share(mb.completion_mask.sum()) if m.loss.token_weighted else 1.0  # this rank's token share
+    for index, weight in m.loss.micro_batches(mb.completion_mask, m.micro_batch_size):
+        loss, micro_stats = m.compute_loss(mb.select(index), adv[index], prepared.select(index), models)
+        if not torch.isfinite(loss):
+            return m.skips.skip(opt, "loss", m.global_step)
+        m.manual_backward(loss * weight * share)
+        for k, v in micro_stats.items():
+            stats[k] = stats.get(k, 0.0) + weight * v
+    grad_norm = full_tensor(clip_grad_norm_(m.built_policy.parameters(), m.max_grad_norm or float("inf")))
+    if not torch.isfinite(grad_norm):
+        return m.skips.skip(opt, "gradient", m.global_step)
+    opt.step()
+    m.skips.reset()
+    scheduler = cast(Any, m.lr_schedulers())
+    if scheduler is not None:
+        scheduler.step()
+    return {**stats, "grad_norm": grad_norm.item()}
+
+
+def update_policy(m: Any, rollout: Rollout, advantages: Advantages, prepared: PenaltyInputs, models: PolicyModels
+              ) -> dict:
+    """Step 6: ``m.num_iterations`` passes of clipped-surrogate steps against the rollout's old log-probs."""
+    stats: dict[str, list[float]] = {}
+    for _ in range(m.num_iterations):
+        for index in mini_batches(len(rollout.completions), m.num_generations, m.mini_batch_size,
+                                  m.device):
+            step = optimisation_step(m, rollout.select(index), advantages.values[index], prepared.select(index),
+                                     models)
+            for k, v in step.items():
+                stats.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in stats.items()}
