@@ -31,12 +31,22 @@ METHODS = {
 def run_one(config: str, seed: int, args: argparse.Namespace, log_dir: Path) -> tuple[dict[int, float], float]:
     """Fit one config with one seed; return held-out accuracy by step and the wall time."""
     cmd = [
-        sys.executable, "-m", "gcpo_lightning", "fit", "--config", config,
-        f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
-        f"--trainer.max_steps={args.max_steps}", f"--trainer.val_check_interval={args.val_every}",
-        "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={log_dir}",
-        "--trainer.logger.name=run", "--trainer.logger.version=0",
+        sys.executable,
+        "-m",
+        "gcpo_lightning",
+        "fit",
+        "--config",
+        config,
+        f"--seed_everything={seed}",
+        f"--data.init_args.seed={seed}",
+        f"--trainer.max_steps={args.max_steps}",
+        f"--trainer.val_check_interval={args.val_every}",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={log_dir}",
+        "--trainer.logger.name=run",
+        "--trainer.logger.version=0",
     ]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL)
@@ -65,14 +75,21 @@ def summarise(runs: dict[str, list[dict[int, float]]]) -> dict[str, dict[int, tu
 def write_table(summary: dict, walls: dict[str, list[float]], seeds: list[int], path: Path) -> None:
     """A markdown table: accuracy (mean +- std [min, max]) per method and step, and mean wall time per run."""
     steps = sorted({s for per in summary.values() for s in per})
-    lines = [f"Held-out greedy accuracy (%) over seeds {seeds}: mean ± std [min, max]\n",
-             "| method | " + " | ".join(f"step {s}" for s in steps) + " | wall time / run |",
-             "|---|" + "---|" * (len(steps) + 1)]
+    lines = [
+        f"Held-out greedy accuracy (%) over seeds {seeds}: mean ± std [min, max]\n",
+        "| method | " + " | ".join(f"step {s}" for s in steps) + " | wall time / run |",
+        "|---|" + "---|" * (len(steps) + 1),
+    ]
     for method, per in summary.items():
-        cells = [f"{100 * m:.1f} ± {100 * sd:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
-                 for m, sd, lo, hi in (per[s] for s in steps)]
-        lines.append(f"| {method} (n={len(walls[method])}) | " + " | ".join(cells)
-                     + f" | {statistics.mean(walls[method]):.0f} s |")
+        cells = [
+            f"{100 * m:.1f} ± {100 * sd:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+            for m, sd, lo, hi in (per[s] for s in steps)
+        ]
+        lines.append(
+            f"| {method} (n={len(walls[method])}) | "
+            + " | ".join(cells)
+            + f" | {statistics.mean(walls[method]):.0f} s |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -118,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     print((args.out / "results.md").read_text())
 
 
-def write_outputs(runs: dict[str, list[dict[int, float]]], walls: dict[str, list[float]], args: argparse.Namespace) -> None:
+def write_outputs(
+    runs: dict[str, list[dict[int, float]]], walls: dict[str, list[float]], args: argparse.Namespace
+) -> None:
     """Write the table and the plot for the runs finished so far."""
     summary = summarise(runs)
     args.out.mkdir(parents=True, exist_ok=True)

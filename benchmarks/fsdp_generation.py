@@ -33,8 +33,14 @@ def worker(rank: int, args: argparse.Namespace) -> None:
         torch.cuda.set_device(rank)
     dist.init_process_group(args.backend, rank=rank, world_size=args.ranks)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=8)
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
     model = LlamaForCausalLM(config).to(device)
     mesh = init_device_mesh(device, (args.ranks,), mesh_dim_names=("data_parallel",))
     shard_policy(model, mesh)
@@ -53,9 +59,11 @@ def worker(rank: int, args: argparse.Namespace) -> None:
     with full_parameters(model):
         once = generate()
     if rank == 0:
-        print(f"{args.ranks} ranks ({args.backend}), 8 prompts x {args.tokens} tokens per rank: "
-              f"all-gather per token {per_token:.2f} s, gathered once (full_parameters) {once:.2f} s "
-              f"({per_token / once:.1f}x)")
+        print(
+            f"{args.ranks} ranks ({args.backend}), 8 prompts x {args.tokens} tokens per rank: "
+            f"all-gather per token {per_token:.2f} s, gathered once (full_parameters) {once:.2f} s "
+            f"({per_token / once:.1f}x)"
+        )
     dist.destroy_process_group()
 
 

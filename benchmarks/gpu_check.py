@@ -46,6 +46,7 @@ ACCELERATOR = "gpu"
 
 def check(name: str) -> Callable:
     """Run the decorated function, record PASS with its message or FAIL with the error."""
+
     def wrap(fn: Callable[[], str]) -> Callable:
         start = time.perf_counter()
         try:
@@ -54,19 +55,34 @@ def check(name: str) -> Callable:
             traceback.print_exc()
             RESULTS.append((name, False, f"{type(err).__name__}: {err}"))
         return fn
+
     return wrap
 
 
 def gcpo_module(**builder_kwargs) -> GCPOModule:
-    return GCPOModule(policy_builder=PolicyBuilder("tiny-arith", **builder_kwargs), sampler=GroupSampler(max_completion_length=48),
-                      graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1),
-                      adjuster=CausalAdvantage(), kl=CausalProjectedKL(max_ratio=10.0), num_generations=8,
-                      log_completions_every_n_steps=0)
+    return GCPOModule(
+        policy_builder=PolicyBuilder("tiny-arith", **builder_kwargs),
+        sampler=GroupSampler(max_completion_length=48),
+        graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1),
+        adjuster=CausalAdvantage(),
+        kl=CausalProjectedKL(max_ratio=10.0),
+        num_generations=8,
+        log_completions_every_n_steps=0,
+    )
 
 
 def fit(module: GCPOModule, steps: int = 3, **trainer_kwargs) -> tuple[L.Trainer, float]:
-    trainer = L.Trainer(accelerator=ACCELERATOR, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer = L.Trainer(
+        accelerator=ACCELERATOR,
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
     start = time.perf_counter()
     trainer.fit(module, ArithmeticDataModule(batch_size=8, num_train=256, num_val=8))
     return trainer, (time.perf_counter() - start) / steps
@@ -100,16 +116,19 @@ def main() -> None:
         from gcpo_lightning.policy.quantization import load_quantized
 
         full = load_causal_lm(str(path), {"dtype": "bfloat16"}).to(device).eval()
-        q4 = load_quantized(str(path), {"dtype": "bfloat16"}, QuantizationConfig(compute_dtype="bfloat16"),
-                            device=device).eval()
+        q4 = load_quantized(
+            str(path), {"dtype": "bfloat16"}, QuantizationConfig(compute_dtype="bfloat16"), device=device
+        ).eval()
         ids = torch.randint(3, 30, (8, 64), device=device)
         mask = torch.ones_like(ids)
         with torch.no_grad():
             a = score_completions(full, ids[:, :16], mask[:, :16], ids[:, 16:], mask[:, 16:]).logps
             b = score_completions(q4, ids[:, :16], mask[:, :16], ids[:, 16:], mask[:, 16:]).logps
         gap = (a - b).abs().mean().item()
-        return (f"{count_4bit_linears(q4)} 4-bit linears, weights {model_memory_bytes(q4) / 2**20:.1f} MiB vs bf16 "
-                f"{model_memory_bytes(full) / 2**20:.1f} MiB, mean |dlogp| {gap:.4f}")
+        return (
+            f"{count_4bit_linears(q4)} 4-bit linears, weights {model_memory_bytes(q4) / 2**20:.1f} MiB vs bf16 "
+            f"{model_memory_bytes(full) / 2**20:.1f} MiB, mean |dlogp| {gap:.4f}"
+        )
 
     @check("FSDP2 on one GPU + 4-bit reference")
     def _() -> str:
@@ -127,8 +146,15 @@ def main() -> None:
             return "skipped on CPU (benchmarks/logprob_memory.py measures it there)"
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(vocab_size=args.vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
+        config = LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+        )
         model = LlamaForCausalLM(config).cuda()
         n, p, t = 8, 64, args.tokens
         prompt = torch.randint(0, args.vocab, (n, p), device="cuda")
@@ -138,15 +164,18 @@ def main() -> None:
             model.zero_grad()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            scores = score_completions(model, prompt, torch.ones_like(prompt), comp, torch.ones_like(comp),
-                                       logits_chunk_size=chunk)
+            scores = score_completions(
+                model, prompt, torch.ones_like(prompt), comp, torch.ones_like(comp), logits_chunk_size=chunk
+            )
             scores.logps.mean().backward()
             peaks[chunk] = (torch.cuda.max_memory_allocated() - base) / 2**20
             logps[chunk] = scores.logps.detach()
         diff = (logps[None] - logps[1]).abs().max().item()
         assert diff < 1e-3
-        return (f"vocab {args.vocab}, {n}x{t} tokens: peak {peaks[None]:.0f} MiB unchunked vs {peaks[1]:.0f} MiB "
-                f"chunked, max |dlogp| {diff:.2e}")
+        return (
+            f"vocab {args.vocab}, {n}x{t} tokens: peak {peaks[None]:.0f} MiB unchunked vs {peaks[1]:.0f} MiB "
+            f"chunked, max |dlogp| {diff:.2e}"
+        )
 
     print("\n" + "\n".join(f"{'PASS' if ok else 'FAIL'}  {name}: {msg}" for name, ok, msg in RESULTS))
     sys.exit(0 if all(ok for _, ok, _ in RESULTS) else 1)

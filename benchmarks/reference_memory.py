@@ -34,13 +34,26 @@ def sampled_completions(model: torch.nn.Module, tokenizer, seed: int = 0) -> tup
     """Prompts and 32-token completions sampled from ``model`` (the fp32 one): what a rollout would score."""
     from gcpo_lightning.components.sampling.decoding import decode
 
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in PROMPTS]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in PROMPTS
+    ]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(seed)
     with torch.no_grad():
-        completion = decode(model, enc["input_ids"], enc["attention_mask"], 32, [tokenizer.eos_token_id],
-                            tokenizer.pad_token_id, 1.0, 1.0, 0, False, 32)
+        completion = decode(
+            model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            32,
+            [tokenizer.eos_token_id],
+            tokenizer.pad_token_id,
+            1.0,
+            1.0,
+            0,
+            False,
+            32,
+        )
     return enc["input_ids"], enc["attention_mask"], completion
 
 
@@ -59,8 +72,9 @@ def main() -> None:
     variants = {
         "fp32": lambda: load_causal_lm(args.model),
         "bf16": lambda: load_causal_lm(args.model, {"dtype": "bfloat16"}),
-        "nf4 (+ bf16 rest)": lambda: load_quantized(args.model, {"dtype": "bfloat16"},
-                                                    QuantizationConfig(compute_dtype="bfloat16")),
+        "nf4 (+ bf16 rest)": lambda: load_quantized(
+            args.model, {"dtype": "bfloat16"}, QuantizationConfig(compute_dtype="bfloat16")
+        ),
         "nf4 (+ fp32 rest)": lambda: load_quantized(args.model, None, QuantizationConfig()),
     }
     base, batch = None, None
@@ -71,8 +85,10 @@ def main() -> None:
         logps = completion_logps(model, batch).float()
         base = logps if base is None else base
         mib = model_memory_bytes(model) / 2**20
-        print(f"  {name:<18} {mib:8.1f} MiB  4-bit linears {count_4bit_linears(model):4d}  "
-              f"mean |dlogp| {(logps - base).abs().mean().item():.4f}")
+        print(
+            f"  {name:<18} {mib:8.1f} MiB  4-bit linears {count_4bit_linears(model):4d}  "
+            f"mean |dlogp| {(logps - base).abs().mean().item():.4f}"
+        )
         del model
     print("  LoRA reference        0.0 MiB extra (the policy's own weights with the adapters disabled)")
 

@@ -10,12 +10,14 @@ Commands::
 What one step is, on both sides (the same work): generate ``G`` completions for each of ``--num-prompts``
 arithmetic prompts, score what the step needs without gradients (the reference model when ``beta > 0``; ours
 also re-scores the rollout under the policy for ``old_logps``, see below), compute the rewards
-(:func:`gcpo_lightning.rewards.arithmetic.arithmetic_accuracy` on both sides) and advantages, then one forward/backward pass
-and one AdamW step over all ``N = B*G`` completions (``num_iterations=1``, no gradient accumulation).
+(:func:`gcpo_lightning.rewards.arithmetic.arithmetic_accuracy` on both sides) and advantages, then one
+forward/backward pass and one AdamW step over all ``N = B*G`` completions (``num_iterations=1``, no gradient
+accumulation).
 
 Kept equal on both sides: the model and its weights (``--model``: the shipped ``tiny-arith`` when it is there,
 else a random tiny Llama from ``tests/conftest.py``'s ``save_tiny_llama`` with ``--hidden``/``--layers``), the
-prompts and their order (the first rows of :class:`gcpo_lightning.data.datamodules.ArithmeticDataModule`, unshuffled), ``G``,
+prompts and their order (the first rows of :class:`gcpo_lightning.data.datamodules.ArithmeticDataModule`,
+unshuffled), ``G``,
 the maximum completion length, temperature 1 / top-p 1 / no top-k, ``beta``, the clip range, ``loss_type``,
 AdamW (lr 1e-4, weight decay 0.01, grad-norm clip 1.0), fp32. Three TRL defaults that would make TRL do different
 work are switched off: ``bf16`` (on by default even on CPU), ``gradient_checkpointing`` (on by default) and
@@ -151,8 +153,9 @@ def prompt_rows(args: argparse.Namespace, steps: int) -> list[dict[str, Any]]:
     """The first ``steps * num_prompts`` training rows of the arithmetic task, in a fixed order."""
     from gcpo_lightning.data.datamodules import ArithmeticDataModule
 
-    dm = ArithmeticDataModule(num_train=max(steps * args.num_prompts * 2, 64), num_val=16, seed=args.seed,
-                              batch_size=args.num_prompts)
+    dm = ArithmeticDataModule(
+        num_train=max(steps * args.num_prompts * 2, 64), num_val=16, seed=args.seed, batch_size=args.num_prompts
+    )
     dm.setup("fit")
     return dm.train_rows[: steps * args.num_prompts]
 
@@ -176,9 +179,13 @@ def run_ours(args: argparse.Namespace, model_path: str, rows: list[dict[str, Any
     module = GCPOModule(
         model_name_or_path=model_path,
         reward_funcs=[arithmetic_accuracy],
-        sampler=GroupSampler(temperature=args.temperature, top_p=1.0, top_k=0,
-                             max_completion_length=args.max_completion_length,
-                             min_new_tokens=0 if args.natural_length else args.max_completion_length),
+        sampler=GroupSampler(
+            temperature=args.temperature,
+            top_p=1.0,
+            top_k=0,
+            max_completion_length=args.max_completion_length,
+            min_new_tokens=0 if args.natural_length else args.max_completion_length,
+        ),
         kl=ReferenceKL(beta=args.beta),
         num_generations=args.num_generations,
         num_iterations=1,
@@ -213,23 +220,37 @@ def run_ours(args: argparse.Namespace, model_path: str, rows: list[dict[str, Any
             times.append(time.perf_counter() - self.t0)
 
     trainer = L.Trainer(
-        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, callbacks=[StepTimer()], default_root_dir=str(workdir / "ours"),
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[StepTimer()],
+        default_root_dir=str(workdir / "ours"),
     )
     loader = DataLoader(rows, batch_size=args.num_prompts, shuffle=False, collate_fn=collate_rows)
     trainer.fit(module, train_dataloaders=loader)
     peak = memory.stop()
-    measured = captured[args.warmup:]
-    step_times = times[args.warmup:]
+    measured = captured[args.warmup :]
+    step_times = times[args.warmup :]
     per_step = []
     for m, total in zip(measured, step_times):
         split = {p: m.get(f"timing/{p}", 0.0) for p in OUR_PHASES}
         split["other (logging, Lightning loop)"] = total - sum(split.values())
         per_step.append(split)
     lengths = [m["completions/mean_length"] for m in measured]
-    return dict(steps=step_times, per_step=per_step, peak=peak, memory_method=memory.method, lengths=lengths,
-                params=count_params(module.policy))
+    return dict(
+        steps=step_times,
+        per_step=per_step,
+        peak=peak,
+        memory_method=memory.method,
+        lengths=lengths,
+        params=count_params(module.policy),
+    )
 
 
 # ----- TRL ------------------------------------------------------------------------------------------------------
@@ -257,20 +278,49 @@ def run_trl(args: argparse.Namespace, model_path: str, rows: list[dict[str, Any]
     N = args.num_prompts * args.num_generations
     steps = args.warmup + args.repeats
     config = trl.GRPOConfig(
-        output_dir=str(workdir / "trl"), use_cpu=args.device == "cpu", bf16=False, gradient_checkpointing=False,
-        use_bias_correction_kl=False, report_to="none", save_strategy="no", logging_steps=10**6,
-        disable_tqdm=True, max_steps=steps, per_device_train_batch_size=N, gradient_accumulation_steps=1,
-        num_generations=args.num_generations, num_iterations=1, max_completion_length=args.max_completion_length,
-        temperature=args.temperature, top_p=1.0, top_k=0, beta=args.beta, epsilon=args.epsilon,
-        loss_type=args.loss_type, scale_rewards="group", learning_rate=1e-4, weight_decay=0.01,
-        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", shuffle_dataset=False,
-        seed=args.seed, dataloader_num_workers=0, log_completions=False,
+        output_dir=str(workdir / "trl"),
+        use_cpu=args.device == "cpu",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_bias_correction_kl=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        max_steps=steps,
+        per_device_train_batch_size=N,
+        gradient_accumulation_steps=1,
+        num_generations=args.num_generations,
+        num_iterations=1,
+        max_completion_length=args.max_completion_length,
+        temperature=args.temperature,
+        top_p=1.0,
+        top_k=0,
+        beta=args.beta,
+        epsilon=args.epsilon,
+        loss_type=args.loss_type,
+        scale_rewards="group",
+        learning_rate=1e-4,
+        weight_decay=0.01,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        shuffle_dataset=False,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        log_completions=False,
         generation_kwargs=None if args.natural_length else {"min_new_tokens": args.max_completion_length},
     )
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=arithmetic_accuracy, args=config,
-                              train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=arithmetic_accuracy,
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
     memory = PeakMemory(args.device)
     times: list[float] = []
     per_step: list[dict[str, float]] = []
@@ -298,8 +348,14 @@ def run_trl(args: argparse.Namespace, model_path: str, rows: list[dict[str, Any]
     finally:
         ProfilingContext._log_metrics = original_log
     peak = memory.stop()
-    return dict(steps=times[args.warmup:], per_step=per_step[args.warmup:], peak=peak, memory_method=memory.method,
-                lengths=lengths[args.warmup:], params=count_params(trainer.model))
+    return dict(
+        steps=times[args.warmup :],
+        per_step=per_step[args.warmup :],
+        peak=peak,
+        memory_method=memory.method,
+        lengths=lengths[args.warmup :],
+        params=count_params(trainer.model),
+    )
 
 
 def trl_phases(events: list[tuple[str, float]], total: float) -> dict[str, float]:
@@ -333,36 +389,51 @@ def pool(args: argparse.Namespace, runs: list[dict]) -> dict:
     per_step = [p for r in runs for p in r["per_step"]]
     mean_length = statistics.mean(x for r in runs for x in r["lengths"])
     return dict(
-        step=median(steps), steps=steps, round_medians=[median(r["steps"]) for r in runs],
+        step=median(steps),
+        steps=steps,
+        round_medians=[median(r["steps"]) for r in runs],
         phases={k: median([p[k] for p in per_step]) for k in per_step[0]},
-        peaks=[r["peak"] for r in runs], memory_method=runs[0]["memory_method"], mean_length=mean_length,
-        params=runs[0]["params"], tokens=args.num_prompts * args.num_generations * mean_length,
+        peaks=[r["peak"] for r in runs],
+        memory_method=runs[0]["memory_method"],
+        mean_length=mean_length,
+        params=runs[0]["params"],
+        tokens=args.num_prompts * args.num_generations * mean_length,
     )
 
 
 def report(args: argparse.Namespace, model_desc: str, results: dict[str, dict]) -> None:
     mib = 1024**2
-    print(f"\nmodel: {model_desc}; device: {args.device}; torch threads: {torch.get_num_threads()}; "
-          f"load average now: {load_average()}")
-    print(f"B={args.num_prompts} prompts x G={args.num_generations} = {args.num_prompts * args.num_generations} "
-          f"completions, max_completion_length={args.max_completion_length}, beta={args.beta}, "
-          f"loss_type={args.loss_type}, forced length: {not args.natural_length}; {args.rounds} round(s) per side "
-          f"(alternating order), each {args.warmup} warm-up step(s) + {args.repeats} measured; medians over all "
-          f"measured steps")
+    print(
+        f"\nmodel: {model_desc}; device: {args.device}; torch threads: {torch.get_num_threads()}; "
+        f"load average now: {load_average()}"
+    )
+    print(
+        f"B={args.num_prompts} prompts x G={args.num_generations} = {args.num_prompts * args.num_generations} "
+        f"completions, max_completion_length={args.max_completion_length}, beta={args.beta}, "
+        f"loss_type={args.loss_type}, forced length: {not args.natural_length}; {args.rounds} round(s) per side "
+        f"(alternating order), each {args.warmup} warm-up step(s) + {args.repeats} measured; medians over all "
+        f"measured steps"
+    )
     for name, r in results.items():
-        print(f"\n[{name}] params={r['params']:,}  step={r['step']:.3f}s  "
-              f"(per-round medians: {', '.join(f'{t:.3f}' for t in r['round_medians'])}; "
-              f"min {min(r['steps']):.3f}, max {max(r['steps']):.3f})")
+        print(
+            f"\n[{name}] params={r['params']:,}  step={r['step']:.3f}s  "
+            f"(per-round medians: {', '.join(f'{t:.3f}' for t in r['round_medians'])}; "
+            f"min {min(r['steps']):.3f}, max {max(r['steps']):.3f})"
+        )
         print(f"  completion length (mean)={r['mean_length']:.1f}  completion tokens/s={r['tokens'] / r['step']:.1f}")
-        print(f"  peak memory above start of measured steps, per round: "
-              f"{', '.join(f'{x / mib:.1f}' for x in r['peaks'])} MiB ({r['memory_method']})")
+        print(
+            f"  peak memory above start of measured steps, per round: "
+            f"{', '.join(f'{x / mib:.1f}' for x in r['peaks'])} MiB ({r['memory_method']})"
+        )
         print("  phases (median of each over the measured steps):")
         for phase, t in r["phases"].items():
             print(f"    {phase:<45} {t:8.3f}s  {100 * t / r['step']:5.1f}%")
     if "ours" in results and "trl" in results:
         ours, trl = results["ours"], results["trl"]
-        print(f"\nratio ours/TRL (median step time): {ours['step'] / trl['step']:.2f}  "
-              f"(tokens/s ratio ours/TRL: {(ours['tokens'] / ours['step']) / (trl['tokens'] / trl['step']):.2f})")
+        print(
+            f"\nratio ours/TRL (median step time): {ours['step'] / trl['step']:.2f}  "
+            f"(tokens/s ratio ours/TRL: {(ours['tokens'] / ours['step']) / (trl['tokens'] / trl['step']):.2f})"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,8 +61,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-val", type=int, default=16, help="held-out questions scored before and after")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--extra-reward", action="append", default=[], metavar="IMPORT.PATH", type=pkgutil.resolve_name,
-                   help="another reward function (weight 1), added after the accuracy; repeatable")
+    p.add_argument(
+        "--extra-reward",
+        action="append",
+        default=[],
+        metavar="IMPORT.PATH",
+        type=pkgutil.resolve_name,
+        help="another reward function (weight 1), added after the accuracy; repeatable",
+    )
     p.add_argument("--log-dir", type=Path, default=Path("runs/plain_python"), help="CSV logs go here")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -71,8 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def components(method: str) -> dict[str, Any]:
     """The four swappable components of a step for GRPO or GCPO (paper settings scaled down for a CPU)."""
     if method == "grpo":
-        return dict(graph_builder=IndependentResponses(), adjuster=GroupNormalizedAdvantage(),
-                    kl=ReferenceKL(beta=0.04))
+        return dict(
+            graph_builder=IndependentResponses(), adjuster=GroupNormalizedAdvantage(), kl=ReferenceKL(beta=0.04)
+        )
     return dict(
         graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1),  # M=2 collider outputs, K=1
         adjuster=CausalAdvantage(alpha=2.0),  # B_i = A_i * U_i (Eq. 11), cosine similarity (the default)
@@ -121,8 +128,13 @@ def main(argv: list[str] | None = None) -> RunResult:
     args = parse_args(argv)
     L.seed_everything(args.seed)
     module = build_module(args)
-    data = ArithmeticDataModule(num_train=max(256, 2 * args.batch_size * args.steps), num_val=args.num_val,
-                                batch_size=args.batch_size, val_batch_size=args.num_val, seed=args.seed)
+    data = ArithmeticDataModule(
+        num_train=max(256, 2 * args.batch_size * args.steps),
+        num_val=args.num_val,
+        batch_size=args.batch_size,
+        val_batch_size=args.num_val,
+        seed=args.seed,
+    )
     trainer = build_trainer(args)
     trainer.fit(module, data)
     result = RunResult(
@@ -131,8 +143,10 @@ def main(argv: list[str] | None = None) -> RunResult:
         module=module,
         log_dir=Path(trainer.logger.log_dir),
     )
-    print(f"[{args.method}] held-out accuracy: {result.accuracy_before:.3f} before, "
-          f"{result.accuracy_after:.3f} after {args.steps} steps (metrics: {result.log_dir / 'metrics.csv'})")
+    print(
+        f"[{args.method}] held-out accuracy: {result.accuracy_before:.3f} before, "
+        f"{result.accuracy_after:.3f} after {args.steps} steps (metrics: {result.log_dir / 'metrics.csv'})"
+    )
     return result
 
 

@@ -57,8 +57,10 @@ def check_ckpt_path(ckpt_path: str | Path | None) -> None:
         raise CheckpointError(f"{where}: no such file or folder{hint}")
     if path.is_dir():
         if not (path / ".metadata").is_file():
-            raise CheckpointError(f"{where}: a folder without a .metadata file, so not a distributed checkpoint "
-                                  "(a single-process checkpoint is one .ckpt file)")
+            raise CheckpointError(
+                f"{where}: a folder without a .metadata file, so not a distributed checkpoint "
+                "(a single-process checkpoint is one .ckpt file)"
+            )
         return
     import torch
 
@@ -67,17 +69,22 @@ def check_ckpt_path(ckpt_path: str | Path | None) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as err:  # any failure means: not a checkpoint
         if not is_zip:
-            raise CheckpointError(f"{where}: not a checkpoint (not a file written by torch.save; "
-                                  f"torch.load: {type(err).__name__})") from err
+            raise CheckpointError(
+                f"{where}: not a checkpoint (not a file written by torch.save; torch.load: {type(err).__name__})"
+            ) from err
         reason = str(err).split("WeightsUnpickler error:", 1)[-1]  # torch's own line, without its advice
-        raise CheckpointError(f"{where}: torch.load(weights_only=True), as LightningCLI reads checkpoints, fails: "
-                              f"{type(err).__name__}: {one_line(reason, 160)}") from err
+        raise CheckpointError(
+            f"{where}: torch.load(weights_only=True), as LightningCLI reads checkpoints, fails: "
+            f"{type(err).__name__}: {one_line(reason, 160)}"
+        ) from err
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{where}: holds a {type(ckpt).__name__}, not a Lightning checkpoint (a mapping)")
     missing = [key for key in ("state_dict", "pytorch-lightning_version") if key not in ckpt]
     if missing:
-        raise CheckpointError(f"{where}: not a Lightning checkpoint: no {' or '.join(repr(k) for k in missing)} "
-                              "key (a bare state dict or exported weights belong in model_name_or_path's folder)")
+        raise CheckpointError(
+            f"{where}: not a Lightning checkpoint: no {' or '.join(repr(k) for k in missing)} "
+            "key (a bare state dict or exported weights belong in model_name_or_path's folder)"
+        )
 
 
 class GCPOCLI(LightningCLI):

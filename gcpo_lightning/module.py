@@ -180,8 +180,14 @@ class GCPOModule(RebuildsComponents, L.LightningModule):
 
     def models(self) -> PolicyModels:
         """The models bundle handed to components."""
-        return PolicyModels(self.policy, self.tokenizer, self.reference, self.sampler.temperature or 1.0, self.render,
-                            self.policy_builder.logits_chunk_size)
+        return PolicyModels(
+            self.policy,
+            self.tokenizer,
+            self.reference,
+            self.sampler.temperature or 1.0,
+            self.render,
+            self.policy_builder.logits_chunk_size,
+        )
 
     def render(self, text: str) -> str:
         """``text`` as fed to the model (chat template applied where used)."""
@@ -251,7 +257,9 @@ class GCPOModule(RebuildsComponents, L.LightningModule):
         total, per_func = rollout_rewards(self.reward_funcs, self.reward_weights, rollout)
         return total.to(self.device), per_func.to(self.device)
 
-    def compute_loss(self, mb: Rollout, adv: Tensor, prepared: PenaltyInputs, models: PolicyModels) -> tuple[Tensor, dict]:
+    def compute_loss(
+        self, mb: Rollout, adv: Tensor, prepared: PenaltyInputs, models: PolicyModels
+    ) -> tuple[Tensor, dict]:
         """``-J`` on a micro-batch under the current policy (paper Eq. 10, 12), and its statistics."""
         return micro_batch_loss(self, mb, adv, prepared, models)
 

@@ -64,14 +64,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gcpo_lightning.components.graphs.prompts import (
+from gcpo_lightning.components.graphs.prompts import (  # noqa: E402
     CONTEXT_TEMPLATE,
-    # noqa: E402     CONTEXT_TEMPLATE,
     INTEGRATION_TEMPLATE,
     render_candidates,
 )
-from gcpo_lightning.data.tasks.arithmetic import ArithmeticTask
-from gcpo_lightning.data.templates import PROMPT_TEMPLATE
+from gcpo_lightning.data.tasks.arithmetic import ArithmeticTask  # noqa: E402
+from gcpo_lightning.data.templates import PROMPT_TEMPLATE  # noqa: E402
 from gcpo_lightning.policy.char_tokenizer import build_char_tokenizer  # noqa: E402
 from gcpo_lightning.rewards.arithmetic import extract_answer, is_correct  # noqa: E402
 
@@ -339,9 +338,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cand-error-rate", type=float, default=0.6, help="mistake rate of the noisy candidates")
     p.add_argument("--slip-rate", type=float, default=0.3, help="probability that a noisy candidate has a random slip")
     p.add_argument("--max-candidates", type=int, default=8)
-    p.add_argument("--init", type=Path, default=None, help="continue from this checkpoint (stage 2) instead of a new model")
-    p.add_argument("--integration-target", choices=("clean", "majority"), default="clean",
-                   help="integration completions: the clean solution, or a copy of the majority-answer candidate")
+    p.add_argument(
+        "--init", type=Path, default=None, help="continue from this checkpoint (stage 2) instead of a new model"
+    )
+    p.add_argument(
+        "--integration-target",
+        choices=("clean", "majority"),
+        default="clean",
+        help="integration completions: the clean solution, or a copy of the majority-answer candidate",
+    )
     p.add_argument("--mix", type=str, default="0.8,0.1,0.1", help="step fractions of single,integration,context")
     p.add_argument("--batch-single", type=int, default=32)
     p.add_argument("--batch-long", type=int, default=8, help="batch size of the (long) integration/context formats")

@@ -81,20 +81,27 @@ class RowsDataModule(L.LightningDataModule):
 
         The order is fixed by ``(seed, epoch)`` and the position is saved in checkpoints (exact resume).
         """
-        return ResumableLoader(self.train_rows, batch_size=self.batch_size, shuffle=True, seed=self.seed,
-                               collate_fn=collate_rows)
+        return ResumableLoader(
+            self.train_rows, batch_size=self.batch_size, shuffle=True, seed=self.seed, collate_fn=collate_rows
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Held-out prompts in a fixed order."""
-        return DataLoader(self.val_rows,  # type: ignore[arg-type]  # torch's stub wants a Dataset; a list works
-                          batch_size=self.val_batch_size, collate_fn=collate_rows)
+        return DataLoader(
+            self.val_rows,  # type: ignore[arg-type]  # torch's stub wants a Dataset; a list works
+            batch_size=self.val_batch_size,
+            collate_fn=collate_rows,
+        )
 
     def test_dataloader(self) -> DataLoader:
         """The test rows in a fixed order, or the held-out prompts again when there is no separate test split."""
         if not self.test_rows:
             return self.val_dataloader()
-        return DataLoader(self.test_rows,  # type: ignore[arg-type]  # torch's stub wants a Dataset; a list works
-                          batch_size=self.val_batch_size, collate_fn=collate_rows)
+        return DataLoader(
+            self.test_rows,  # type: ignore[arg-type]  # torch's stub wants a Dataset; a list works
+            batch_size=self.val_batch_size,
+            collate_fn=collate_rows,
+        )
 
 
 class ArithmeticDataModule(RowsDataModule):
@@ -301,8 +308,14 @@ class HFPromptDataModule(RowsDataModule):
         return given
 
     @staticmethod
-    def _split_source(path: str, data_files: DataFiles | None, config_name: str | None, split_path: str | None,
-                      split_files: DataFiles | None, split: str | None) -> Source | None:
+    def _split_source(
+        path: str,
+        data_files: DataFiles | None,
+        config_name: str | None,
+        split_path: str | None,
+        split_files: DataFiles | None,
+        split: str | None,
+    ) -> Source | None:
         """The source of a validation or test split, or ``None`` when none is given."""
         if split_files is not None:
             return Source.make(split_path or Source.make(path, data_files, "train").path, split_files, split or "train")
@@ -324,8 +337,10 @@ class HFPromptDataModule(RowsDataModule):
         if self.val_size < 0:
             errors.append(f"val_size must be >= 0, got {self.val_size}")
         if self.val_source == self.train_source:
-            errors.append(f"the validation split is the training split ({self.train_source.label}); give val_path, "
-                          "val_data_files, a val_split of a dataset that has it, or nothing (val_size rows split off)")
+            errors.append(
+                f"the validation split is the training split ({self.train_source.label}); give val_path, "
+                "val_data_files, a val_split of a dataset that has it, or nothing (val_size rows split off)"
+            )
         if self.max_prompt_tokens is not None and self.tokenizer is None:
             errors.append("max_prompt_tokens needs a tokenizer (name or path, like model_name_or_path)")
         if errors:
@@ -340,8 +355,10 @@ class HFPromptDataModule(RowsDataModule):
         """
         missing = [c for c in [self.prompt_column, *self.columns.values()] if raw.get(c) is None]
         if missing:
-            raise DataError(f"{source} row {index}: no value in column(s) {missing}; the row has "
-                            f"{sorted(k for k, v in raw.items() if v is not None)}")
+            raise DataError(
+                f"{source} row {index}: no value in column(s) {missing}; the row has "
+                f"{sorted(k for k, v in raw.items() if v is not None)}"
+            )
         question = raw[self.prompt_column]
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{source} row {index}: column {self.prompt_column!r} is empty or not text: {question!r}")
@@ -366,8 +383,9 @@ class HFPromptDataModule(RowsDataModule):
             return False
         if self._tokenizer is None:
             if self.tokenizer is None:  # _check_settings refuses this; set after construction
-                raise ValueError("HFPromptDataModule: max_prompt_tokens needs a tokenizer (name or path, like "
-                                 "model_name_or_path)")
+                raise ValueError(
+                    "HFPromptDataModule: max_prompt_tokens needs a tokenizer (name or path, like model_name_or_path)"
+                )
             self._tokenizer = load_tokenizer(self.tokenizer, setting="tokenizer")
         return len(self._tokenizer(prompt, add_special_tokens=False)["input_ids"]) > self.max_prompt_tokens
 
@@ -404,8 +422,14 @@ class HFPromptDataModule(RowsDataModule):
         if skipped:
             log.warning("%s: skipped %d of %d rows read that have no usable answer", label, skipped, read)
         if dropped:
-            log.warning("%s: dropped %d of %d rows read whose prompt is longer than max_prompt_chars=%s / "
-                        "max_prompt_tokens=%s", label, dropped, read, self.max_prompt_chars, self.max_prompt_tokens)
+            log.warning(
+                "%s: dropped %d of %d rows read whose prompt is longer than max_prompt_chars=%s / max_prompt_tokens=%s",
+                label,
+                dropped,
+                read,
+                self.max_prompt_chars,
+                self.max_prompt_tokens,
+            )
 
     def load_rows(self) -> tuple[list[Row], list[Row]]:
         """Training and validation rows: mapped, validated, filtered, shuffled and capped."""

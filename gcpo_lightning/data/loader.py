@@ -18,9 +18,14 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, dataset: Sequence[Any], shuffle: bool = True, seed: int = 0, drop_last: bool = True) -> None:
         distributed = dist.is_available() and dist.is_initialized()
-        super().__init__(dataset,  # type: ignore[arg-type]  # torch's stub wants a Dataset; any Sequence works
-                         num_replicas=dist.get_world_size() if distributed else 1,
-                         rank=dist.get_rank() if distributed else 0, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        super().__init__(
+            dataset,  # type: ignore[arg-type]  # torch's stub wants a Dataset; any Sequence works
+            num_replicas=dist.get_world_size() if distributed else 1,
+            rank=dist.get_rank() if distributed else 0,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
         self.consumed = 0
         self._skip = 0
 
@@ -45,9 +50,11 @@ class ResumableSampler(DistributedSampler):
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at ``state``; the world size and seed must match the run that saved it."""
         if state["num_replicas"] != self.num_replicas or state["seed"] != self.seed:
-            raise ValueError(f"ResumableSampler: checkpoint was saved with {state['num_replicas']} data-parallel "
-                             f"ranks and seed {state['seed']}, this run has {self.num_replicas} and {self.seed}; "
-                             f"the data position cannot be restored")
+            raise ValueError(
+                f"ResumableSampler: checkpoint was saved with {state['num_replicas']} data-parallel "
+                f"ranks and seed {state['seed']}, this run has {self.num_replicas} and {self.seed}; "
+                f"the data position cannot be restored"
+            )
         self.epoch, self._skip = state["epoch"], state["consumed"]
 
 
@@ -58,11 +65,16 @@ class ResumableLoader(DataLoader):
     make the saved position run ahead of the batches actually trained on.
     """
 
-    def __init__(self, dataset: Sequence[Any], batch_size: int, shuffle: bool, seed: int, collate_fn: Any,
-                 drop_last: bool = True) -> None:
-        super().__init__(dataset,  # type: ignore[arg-type]  # torch's stub wants a Dataset; any Sequence works
-                         batch_size=batch_size, collate_fn=collate_fn, drop_last=drop_last,
-                         sampler=ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=False))
+    def __init__(
+        self, dataset: Sequence[Any], batch_size: int, shuffle: bool, seed: int, collate_fn: Any, drop_last: bool = True
+    ) -> None:
+        super().__init__(
+            dataset,  # type: ignore[arg-type]  # torch's stub wants a Dataset; any Sequence works
+            batch_size=batch_size,
+            collate_fn=collate_fn,
+            drop_last=drop_last,
+            sampler=ResumableSampler(dataset, shuffle=shuffle, seed=seed, drop_last=False),
+        )
 
     def state_dict(self) -> dict[str, int]:
         """The sampler's position (consumed indices are always whole batches: no worker prefetches)."""

@@ -145,8 +145,10 @@ class MathPreset(Preset):
         except GoldAnswerError:
             boxed = ""
         if not boxed:
-            raise ValueError("no answer: the row has no 'answer' value and its solution has no \\boxed{...}: "
-                             f"...{solution[-80:]!r}")
+            raise ValueError(
+                "no answer: the row has no 'answer' value and its solution has no \\boxed{...}: "
+                f"...{solution[-80:]!r}"
+            )
         return {"answer": boxed}
 
 

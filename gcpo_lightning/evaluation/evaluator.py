@@ -52,8 +52,13 @@ class HeldOutEvaluation(nn.Module):
         keys = answer_keys(accuracy_fn, rollout.completions, k)
         self.metric.update(correct, keys)
         self.reward.update(rewards)
-        return {"rows": rollout.rows, "completions": rollout.completions, "rewards": rewards, "correct": correct,
-                "keys": keys}
+        return {
+            "rows": rollout.rows,
+            "completions": rollout.completions,
+            "rewards": rewards,
+            "correct": correct,
+            "keys": keys,
+        }
 
     def compute(self) -> dict[str, float]:
         """The epoch's values (``accuracy`` is pass@1), then reset for the next evaluation."""
@@ -93,17 +98,25 @@ class ProblemResults(L.Callback):
         self.path = path
         self.written = 0  # index of the next record of the current evaluation
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         """Append the batch's records (a new file, indices from 0, at the first batch)."""
         stage = "test" if trainer.testing else "val"
         path = results_path(self.path, stage, trainer.global_step, trainer.global_rank, trainer.world_size)
         if batch_idx == 0:
             self.written = 0
         evaluation = pl_module.evaluation
-        records = problem_records(outputs["rows"], outputs["completions"], outputs["rewards"], outputs["correct"],
-                                  outputs["keys"], ks=evaluation.metric.ks, majority_k=evaluation.num_samples,
-                                  start_index=self.written)
+        records = problem_records(
+            outputs["rows"],
+            outputs["completions"],
+            outputs["rewards"],
+            outputs["correct"],
+            outputs["keys"],
+            ks=evaluation.metric.ks,
+            majority_k=evaluation.num_samples,
+            start_index=self.written,
+        )
         self.written += len(outputs["rows"])
         write_problem_results(path, records, append=batch_idx > 0)
 

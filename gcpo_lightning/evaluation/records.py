@@ -82,7 +82,7 @@ def problem_records(
             index=start_index + p,
             prompt=row["prompt"],
             answer=row.get("answer"),
-            completions=list(completions[p * n:(p + 1) * n]),
+            completions=list(completions[p * n : (p + 1) * n]),
             rewards=reward_rows[p],
             correct=flags[p],
             extracted=None if answer_keys is None else list(answer_keys[p]),

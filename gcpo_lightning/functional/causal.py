@@ -29,8 +29,6 @@ def gaussian(z: Tensor, target: Tensor, sigma: float = 1.0) -> Tensor:
     return torch.exp(-(z - target).pow(2).sum(-1) / (2 * sigma**2 * z.shape[-1]))
 
 
-
-
 def group_mean(x: Tensor, group_size: int) -> Tensor:
     """Each group's mean, repeated for its members.  ``[N, D] -> [N, D]``."""
     means = x.view(-1, group_size, x.shape[-1]).mean(1)  # [B, D]
@@ -57,9 +55,12 @@ def causal_target(z: Tensor, context_reps: Tensor | None, group_size: int) -> Te
     return zbar_x - zbar_phi + zbar
 
 
-def causal_weights(z: Tensor, target: Tensor, alpha: float, similarity: Callable[[Tensor, Tensor], Tensor] = cosine) -> Tensor:
+def causal_weights(
+    z: Tensor, target: Tensor, alpha: float, similarity: Callable[[Tensor, Tensor], Tensor] = cosine
+) -> Tensor:
     """``U_i = alpha * sim(z_i, target_i)``, computed in fp32.  ``[N, D], [N, D] -> [N]``."""
     return alpha * similarity(z.float(), target.float())
+
 
 def weight_stats(u: Tensor) -> dict[str, float]:
     """Distribution of the causal weights (the paper does not clip them, so watch them)."""

@@ -31,8 +31,10 @@ def pass_at_k_tensor(correct: Tensor, k: int) -> Tensor:
     if n < 1:
         raise ValueError(f"pass@k needs at least one sample per problem, got n={n}")
     if not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 1 <= k <= n (samples per problem); got k={k}, n={n}. "
-                         f"Generate at least k samples per problem or lower k.")
+        raise ValueError(
+            f"pass@k needs 1 <= k <= n (samples per problem); got k={k}, n={n}. "
+            f"Generate at least k samples per problem or lower k."
+        )
     c = correct.bool().sum(-1, keepdim=True)  # [P, 1]
     i = torch.arange(1, n + 1, device=correct.device, dtype=torch.float64)  # [n]
     # factor (1 - k/i) for i in (n - c, n]; it is 0 at i = k, so n - c < k gives exactly 1 - 0 = 1.

@@ -120,7 +120,9 @@ class CausalGraph:
         M = 0 if self.integrated is None else len(self.integrated[group])
         ys, yn = [f"y_{i}" for i in range(G)], [f"y_n,{m}" for m in range(M)]
         edges = [("q", y) for y in ys] + [(src, n) for n in yn for src in ["q", *ys]]
-        contexts = {f"x_{i},{m}": ["q", *[y for k, y in enumerate(ys) if k != i], yn[m]] for i in range(G) for m in range(M)}
+        contexts = {
+            f"x_{i},{m}": ["q", *[y for k, y in enumerate(ys) if k != i], yn[m]] for i in range(G) for m in range(M)
+        }
         return {"nodes": ["q", *ys, *yn], "edges": edges, "contexts": contexts}
 
 

@@ -81,8 +81,6 @@ class ProjectedKL(Protocol):
         """No-grad work done once per rollout (e.g. reference log-probs); every tensor has leading dim ``N``."""
         ...
 
-    def penalty(
-        self, scores: Scores, rollout: Rollout, prepared: PenaltyInputs, models: PolicyModels
-    ) -> Penalty:
+    def penalty(self, scores: Scores, rollout: Rollout, prepared: PenaltyInputs, models: PolicyModels) -> Penalty:
         """The weighted per-token penalty ``[N, T]`` for the (mini-batch) ``rollout`` under the current policy."""
         ...

@@ -80,8 +80,10 @@ class PolicyBuilder:
         """Every problem with the settings, each naming the setting."""
         errors = []
         if self.quantization is not None and self.lora is None:
-            errors.append("quantization (a 4-bit policy) needs lora: 4-bit weights cannot be trained directly "
-                          "(use reference_quantization for a 4-bit reference)")
+            errors.append(
+                "quantization (a 4-bit policy) needs lora: 4-bit weights cannot be trained directly "
+                "(use reference_quantization for a 4-bit reference)"
+            )
         if self.logits_chunk_size is not None and self.logits_chunk_size < 1:
             errors.append(f"logits_chunk_size must be >= 1, got {self.logits_chunk_size}")
         return errors
@@ -115,7 +117,9 @@ class PolicyBuilder:
         if mesh is not None:  # ModelParallelStrategy (FSDP2)
             dtype = getattr(torch, self.fsdp_param_dtype) if self.fsdp_param_dtype else None
             shard_policy(policy.to(device), mesh, param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
-        return BuiltModels(policy=policy.train(), tokenizer=tokenizer, reference=self.reference(policy, needs_reference))
+        return BuiltModels(
+            policy=policy.train(), tokenizer=tokenizer, reference=self.reference(policy, needs_reference)
+        )
 
     def reference(self, policy: nn.Module, needed: bool) -> Any | None:
         """The frozen reference: the LoRA policy with adapters off, or a second (optionally 4-bit) copy."""

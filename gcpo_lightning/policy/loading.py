@@ -29,8 +29,10 @@ def model_names() -> list[str]:
 
 def _hub_offline() -> bool:
     """Whether the Hugging Face Hub is switched off (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``)."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _in_hub_cache(repo_id: str) -> bool:
@@ -53,7 +55,9 @@ def check_model_path(name_or_path: str, setting: str = "model_name_or_path") -> 
     ``setting`` is how the message names the option (e.g. ``tokenizer``).
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise ModelPathError(f"{setting} must be a shipped model name, a local folder or a Hub id, got {name_or_path!r}")
+        raise ModelPathError(
+            f"{setting} must be a shipped model name, a local folder or a Hub id, got {name_or_path!r}"
+        )
     if name_or_path in model_names():
         return
     path = Path(name_or_path).expanduser()
@@ -61,13 +65,17 @@ def check_model_path(name_or_path: str, setting: str = "model_name_or_path") -> 
         return
     shipped = ", ".join(model_names())
     if path.exists():
-        raise ModelPathError(f"{setting} {name_or_path!r}: is a file; give the folder holding config.json and the "
-                             "weights (as saved by save_pretrained)")
+        raise ModelPathError(
+            f"{setting} {name_or_path!r}: is a file; give the folder holding config.json and the "
+            "weights (as saved by save_pretrained)"
+        )
     if not HUB_ID.fullmatch(name_or_path):  # starts with / . or ~, a backslash, two slashes, ...: a path
         raise ModelPathError(f"{setting} {name_or_path!r}: no such folder (and not a shipped model name: {shipped})")
     if _hub_offline() and not _in_hub_cache(name_or_path):
-        raise ModelPathError(f"{setting} {name_or_path!r}: not a shipped model name ({shipped}), not a local folder, "
-                             "and not in the Hugging Face cache while the Hub is offline (HF_HUB_OFFLINE)")
+        raise ModelPathError(
+            f"{setting} {name_or_path!r}: not a shipped model name ({shipped}), not a local folder, "
+            "and not in the Hugging Face cache while the Hub is offline (HF_HUB_OFFLINE)"
+        )
 
 
 def resolve_model_path(name_or_path: str, setting: str = "model_name_or_path") -> str:
@@ -96,9 +104,11 @@ def _from_pretrained(loader: Any, name_or_path: str, setting: str, **kwargs: Any
         if Path(resolved).is_dir():
             raise  # a local folder: transformers' message names the missing file
         reason = " ".join(str(err).split())[:200]
-        raise ModelPathError(f"{setting} {name_or_path!r}: not a shipped model name ({', '.join(model_names())}), "
-                             f"not a local folder, and not loadable from the Hugging Face Hub or its cache: "
-                             f"{reason}") from err
+        raise ModelPathError(
+            f"{setting} {name_or_path!r}: not a shipped model name ({', '.join(model_names())}), "
+            f"not a local folder, and not loadable from the Hugging Face Hub or its cache: "
+            f"{reason}"
+        ) from err
 
 
 def load_tokenizer(name_or_path: str, setting: str = "model_name_or_path") -> Any:

@@ -59,8 +59,9 @@ class LoRAConfig:
         if self.bias not in BIASES:
             raise ValueError(f"LoRAConfig: bias must be one of {BIASES}, got {self.bias!r}")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            raise ValueError(f"LoRAConfig: target_modules must be a list of names or 'all-linear', "
-                             f"got {self.target_modules!r}")
+            raise ValueError(
+                f"LoRAConfig: target_modules must be a list of names or 'all-linear', got {self.target_modules!r}"
+            )
 
     def to_peft(self) -> Any:
         """The equivalent ``peft.LoraConfig`` for a causal LM."""
@@ -69,10 +70,15 @@ class LoRAConfig:
         self.validate()
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
         bias = cast(Literal["none", "all", "lora_only"], self.bias)  # one of BIASES: checked by validate()
-        return LoraConfig(r=self.r,
-                          lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft annotates int; it uses alpha / r
-                          lora_dropout=self.dropout, target_modules=targets,
-                          bias=bias, init_lora_weights=self.init_weights, task_type="CAUSAL_LM")
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft annotates int; it uses alpha / r
+            lora_dropout=self.dropout,
+            target_modules=targets,
+            bias=bias,
+            init_lora_weights=self.init_weights,
+            task_type="CAUSAL_LM",
+        )
 
 
 torch.serialization.add_safe_globals([LoRAConfig])  # saved in checkpoints' hyper-parameters; loads with weights_only
@@ -119,8 +125,10 @@ def check_target_modules(model: nn.Module, target_modules: list[str] | str) -> N
     available = available_target_modules(model)
     missing = [t for t in target_modules if t not in available]
     if missing:
-        raise ValueError(f"LoRA target_modules {missing} match no layer of {type(model).__name__}; "
-                         f"available layer names: {available} (or 'all-linear')")
+        raise ValueError(
+            f"LoRA target_modules {missing} match no layer of {type(model).__name__}; "
+            f"available layer names: {available} (or 'all-linear')"
+        )
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig | Mapping[str, Any] | None = None) -> Any:
@@ -130,7 +138,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | Mapping[str, Any] | None = No
     ``gcpo_lightning.policy.quantization``) and, with ``prepare_kbit``, peft's ``prepare_model_for_kbit_training`` runs.
 
     Args:
-        model: a Hugging Face causal LM, full precision or from :func:`~gcpo_lightning.policy.quantization.load_quantized`.
+        model: a Hugging Face causal LM, full precision or from
+            :func:`~gcpo_lightning.policy.quantization.load_quantized`.
         cfg: the LoRA settings.
     """
     require_peft()

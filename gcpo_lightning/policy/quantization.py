@@ -62,7 +62,8 @@ class QuantizationConfig:
             raise ValueError(f"QuantizationConfig: quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
-                f"QuantizationConfig: compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+                f"QuantizationConfig: compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}"
+            )
         if isinstance(self.skip_modules, str):
             raise ValueError(f"QuantizationConfig: skip_modules must be a list of names, got {self.skip_modules!r}")
 
@@ -120,9 +121,12 @@ def validate_quantized_load(quant: QuantizationConfig, model_kwargs: Mapping[str
         raise ValueError("load_quantized: 4-bit weights cannot be offloaded to disk (device_map has 'disk')")
 
 
-def load_quantized(name_or_path: str, model_kwargs: Mapping[str, Any] | None = None,
-                   quant: QuantizationConfig | Mapping[str, Any] | None = None,
-                   device: str | torch.device | None = None) -> Any:
+def load_quantized(
+    name_or_path: str,
+    model_kwargs: Mapping[str, Any] | None = None,
+    quant: QuantizationConfig | Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+) -> Any:
     """A causal LM whose linear layers are bitsandbytes ``Linear4bit`` (via :func:`load_causal_lm`).
 
     Args:
@@ -192,8 +196,11 @@ def set_cpu_packing(model: nn.Module, enabled: bool) -> int:
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
             repacked += 1
     if repacked:
-        warnings.warn(f"set_cpu_packing: {repacked} layers had been repacked for CPU inference; converted back "
-                      "(their scales were rounded to bf16 by the repacking)", stacklevel=2)
+        warnings.warn(
+            f"set_cpu_packing: {repacked} layers had been repacked for CPU inference; converted back "
+            "(their scales were rounded to bf16 by the repacking)",
+            stacklevel=2,
+        )
     return n
 
 
@@ -265,4 +272,3 @@ def describe_quantization(model: nn.Module) -> dict[str, Any]:
         model: the loaded model.
     """
     return {"linear4bit": count_4bit_linears(model), "memory_mib": model_memory_bytes(model) / 2**20}
-

@@ -30,8 +30,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"shard_policy: cannot find the decoder layers of {type(model).__name__}: it declares no "
-                         f"_no_split_modules ({sorted(names)}); shard it yourself in configure_model")
+        raise ValueError(
+            f"shard_policy: cannot find the decoder layers of {type(model).__name__}: it declares no "
+            f"_no_split_modules ({sorted(names)}); shard it yourself in configure_model"
+        )
     return layers
 
 

@@ -1,8 +1,8 @@
 """Reward functions and the code that calls them safely.
 
 A reward function is any callable ``fn(prompts, completions, **columns) -> list[float | None]`` (see
-:data:`gcpo_lightning.interfaces.protocols.RewardFn`); in YAML name a function by its import path, or a callable class by
-``class_path``.
+:data:`gcpo_lightning.interfaces.protocols.RewardFn`); in YAML name a function by its import path, or a callable
+class by ``class_path``.
 """
 
 from __future__ import annotations

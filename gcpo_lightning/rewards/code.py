@@ -161,7 +161,8 @@ class CodeExecution:
             if self.weak:
                 logger.warning(
                     "CodeExecution runs model code with isolation=%r (layers %s): a Python guard only, no jail",
-                    self.isolation, list(self.layers),
+                    self.isolation,
+                    list(self.layers),
                 )
         return self.layers
 
@@ -207,7 +208,10 @@ class CodeExecution:
         if self.weak:
             logger.warning("code execution without the jail (isolation=%r)", self.isolation)
         results = run_many(
-            jobs, max_workers=self.max_workers, timeout_s=self.timeout_s, memory_mb=self.memory_mb,
+            jobs,
+            max_workers=self.max_workers,
+            timeout_s=self.timeout_s,
+            memory_mb=self.memory_mb,
             isolation=self.isolation,
         )
         self.last_results = results

@@ -36,8 +36,9 @@ class MathAccuracy:
     r"""1.0 when a completion's final answer equals the reference answer mathematically, else 0.0.
 
     The completion's answer is its last ``\boxed{}``, else the text after its last ``Answer:`` marker, else its last
-    number; equality is decided by math-verify (rules in :mod:`gcpo_lightning.rewards.math_answers`). A reference answer that
-    cannot be parsed raises :class:`~gcpo_lightning.rewards.math_answers.GoldAnswerError` instead of scoring.
+    number; equality is decided by math-verify (rules in :mod:`gcpo_lightning.rewards.math_answers`). A reference
+    answer that cannot be parsed raises :class:`~gcpo_lightning.rewards.math_answers.GoldAnswerError` instead of
+    scoring.
 
     Args:
         answer_column: the data column holding the reference answer.

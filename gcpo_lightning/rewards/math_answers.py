@@ -407,8 +407,12 @@ def _power(base: Number, exponent: Number) -> Number:
     """``base ** exponent``: exact for small integer exponents of a fraction, else a real float."""
     if exponent > _MAX_EXPONENT or exponent < -_MAX_EXPONENT:  # abs(exponent) > _MAX_EXPONENT, typed
         raise ValueError("exponent too large")
-    if (isinstance(base, Fraction) and isinstance(exponent, Fraction) and exponent.denominator == 1
-            and max(abs(base.numerator), base.denominator).bit_length() * abs(exponent) <= _MAX_EXACT_BITS):
+    if (
+        isinstance(base, Fraction)
+        and isinstance(exponent, Fraction)
+        and exponent.denominator == 1
+        and max(abs(base.numerator), base.denominator).bit_length() * abs(exponent) <= _MAX_EXACT_BITS
+    ):
         return base ** int(exponent)
     return math.pow(float(base), float(exponent))  # ValueError for a complex result, OverflowError when huge
 

@@ -524,7 +524,7 @@ def guard(workdir, violations):
 '''
 
 # The solution process: runs the untrusted code, then answers calls with plain data.
-_SOLUTION = r'''
+_SOLUTION = r"""
 def serve(namespace, req_fd, resp_fd, violations):
     while True:
         try:
@@ -581,14 +581,17 @@ def main():
             line = "forbidden: " + ", ".join(sorted(set(violations)))
         send(resp_fd, {"kind": "status", "reason": reason, "summary": line[:500], "isolation": isolation})
         os._exit(0)
-    names = sorted(k for k, v in namespace.items() if callable(v) and not k.startswith("__") and type(v) is not type(os))
+    module_type = type(os)
+    names = sorted(
+        k for k, v in namespace.items() if callable(v) and not k.startswith("__") and type(v) is not module_type
+    )
     send(resp_fd, {"kind": "ready", "names": names, "isolation": isolation})
     serve(namespace, req_fd, resp_fd, violations)
     os._exit(0)
 
 
 main()
-'''
+"""
 
 # The test process: trusted code only (prompt + tests); the solution is reached through proxies.
 _TESTS = r'''
@@ -841,9 +844,23 @@ def _bwrap_command(
     """The full ``bwrap ... -- python ...`` command of one jailed interpreter."""
     command = [
         bwrap,
-        "--unshare-user", "--uid", str(_JAIL_UID), "--gid", str(_JAIL_UID), "--disable-userns",
-        "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-        "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
+        "--unshare-user",
+        "--uid",
+        str(_JAIL_UID),
+        "--gid",
+        str(_JAIL_UID),
+        "--disable-userns",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--hostname",
+        "sandbox",
     ]
     for path in _read_only_paths(site_packages):
         command += ["--ro-bind", path, path]
@@ -873,7 +890,12 @@ _DENIED_SYSCALLS = (
 
 
 class _ArgCmp(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
 
 
 @functools.cache
@@ -892,7 +914,13 @@ def seccomp_program() -> bytes | None:
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(_ArgCmp),
+    ]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
     allow, masked_eq = 0x7FFF0000, 7
@@ -1095,7 +1123,10 @@ def _make_cgroup(memory_bytes: int, max_processes: int) -> _Cgroup | None:
 
 def _enter_cgroup(group: _Cgroup, command: list[str]) -> list[str]:
     """``command`` prefixed by a shell that moves itself into ``group`` and then execs it (so no fork escapes)."""
-    script = 'for d in "$@"; do [ "$d" = -- ] && break; echo $$ > "$d/cgroup.procs" || exit 125; shift; done; shift; exec "$@"'
+    script = (
+        'for d in "$@"; do [ "$d" = -- ] && break; echo $$ > "$d/cgroup.procs" || exit 125; shift; done; '
+        'shift; exec "$@"'
+    )
     return ["/bin/sh", "-c", script, "sh", *group.dirs, "--", *command]
 
 
@@ -1315,8 +1346,14 @@ def _start(
                 command = _enter_cgroup(group, command)
         try:
             proc = subprocess.Popen(
-                command, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=pass_fds, start_new_session=True,
+                command,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=pass_fds,
+                start_new_session=True,
             )
         except BaseException:
             if group is not None:
@@ -1383,8 +1420,15 @@ def run_tests(
         raise ValueError(f"isolation must be one of {ISOLATION_MODES}, got {isolation!r}")
     jailed = isolation == "jail"
     limits = _Limits(
-        timeout_s, memory_mb, max_output_bytes, max_file_bytes, max_disk_bytes, site_packages,
-        guard=(not jailed) if guard is None else (guard and not jailed), isolate=isolate, jailed=jailed,
+        timeout_s,
+        memory_mb,
+        max_output_bytes,
+        max_file_bytes,
+        max_disk_bytes,
+        site_packages,
+        guard=(not jailed) if guard is None else (guard and not jailed),
+        isolate=isolate,
+        jailed=jailed,
     )
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gcpo-sandbox-", dir=tmp_root, ignore_cleanup_errors=True) as host_dir:
@@ -1393,13 +1437,24 @@ def run_tests(
         resp_r, resp_w = os.pipe()
         result_r, result_w = os.pipe()
         common = {
-            "memory_mb": memory_mb, "cpu_s": math.ceil(timeout_s) + 1, "max_file_bytes": max_file_bytes,
-            "max_processes": _MAX_PROCESSES, "guard": limits.guard, "jailed": jailed, "workdir": workdir, "parent_pid": os.getpid(),
+            "memory_mb": memory_mb,
+            "cpu_s": math.ceil(timeout_s) + 1,
+            "max_file_bytes": max_file_bytes,
+            "max_processes": _MAX_PROCESSES,
+            "guard": limits.guard,
+            "jailed": jailed,
+            "workdir": workdir,
+            "parent_pid": os.getpid(),
         }
         solution_cfg = common | {"req_fd": req_r, "resp_fd": resp_w, "code": code, "isolate": isolate}
         tests_cfg = common | {
-            "req_fd": req_w, "resp_fd": resp_r, "result_fd": result_w, "test": test, "entry_point": entry_point,
-            "prompt": prompt or "", "host_ns": _host_namespaces(),
+            "req_fd": req_w,
+            "resp_fd": resp_r,
+            "result_fd": result_w,
+            "test": test,
+            "entry_point": entry_point,
+            "prompt": prompt or "",
+            "host_ns": _host_namespaces(),
         }
         children: list[_Child] = []
         try:
@@ -1442,8 +1497,9 @@ def _wait_briefly(proc: subprocess.Popen[bytes], seconds: float) -> None:
         time.sleep(0.005)
 
 
-def run_python(program: str, timeout_s: float = 5.0, memory_mb: int = 512, max_output_bytes: int = 65536,
-               **kwargs: Any) -> SandboxResult:
+def run_python(
+    program: str, timeout_s: float = 5.0, memory_mb: int = 512, max_output_bytes: int = 65536, **kwargs: Any
+) -> SandboxResult:
     """Run a whole ``program`` (Python source) in the sandbox; it passes when it runs to its end.
 
     The verdict here rests on the program's own process reporting that it finished, so a program can fake it;

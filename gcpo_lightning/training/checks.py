@@ -22,11 +22,15 @@ def settings_errors(m: Any) -> list[str]:
     if m.num_iterations < 1:
         errors.append(f"num_iterations must be >= 1, got {m.num_iterations}")
     if m.mini_batch_size is not None and (m.mini_batch_size < 1 or m.mini_batch_size % m.num_generations):
-        errors.append(f"mini_batch_size ({m.mini_batch_size}) must be a positive multiple of num_generations "
-                      f"({m.num_generations}) so that every optimiser step holds whole groups")
+        errors.append(
+            f"mini_batch_size ({m.mini_batch_size}) must be a positive multiple of num_generations "
+            f"({m.num_generations}) so that every optimiser step holds whole groups"
+        )
     if m.eval_num_samples < 1 or any(not 1 <= k <= m.eval_num_samples for k in m.eval_pass_at or []):
-        errors.append(f"eval_num_samples must be >= 1 and every eval_pass_at k in [1, eval_num_samples], got "
-                      f"eval_num_samples={m.eval_num_samples}, eval_pass_at={m.eval_pass_at}")
+        errors.append(
+            f"eval_num_samples must be >= 1 and every eval_pass_at k in [1, eval_num_samples], got "
+            f"eval_num_samples={m.eval_num_samples}, eval_pass_at={m.eval_pass_at}"
+        )
     if m.micro_batch_size is not None and m.micro_batch_size < 1:
         errors.append(f"micro_batch_size must be >= 1, got {m.micro_batch_size}")
     if not (0 < m.epsilon < 1) or m.epsilon_high <= 0:
@@ -52,8 +56,10 @@ def check_data(m: Any, dm: Any, stage: str) -> None:
     if stage == "fit" and batch_size is not None and m.mini_batch_size is not None:
         total = batch_size * m.num_generations
         if total % m.mini_batch_size:
-            raise ValueError(f"GCPOModule: batch_size * num_generations = {batch_size} * {m.num_generations} "
-                             f"= {total} is not divisible by mini_batch_size={m.mini_batch_size}")
+            raise ValueError(
+                f"GCPOModule: batch_size * num_generations = {batch_size} * {m.num_generations} "
+                f"= {total} is not divisible by mini_batch_size={m.mini_batch_size}"
+            )
     rows = getattr(dm, "train_rows", None) or getattr(dm, "val_rows", None)
     if rows:
         dry_run_rewards(m.reward_funcs, m.reward_weights, rows[0])

@@ -15,8 +15,12 @@ from gcpo_lightning.interfaces.containers import Rollout
 def completions_table(rollout: Rollout, rewards: Tensor, step: int, n: int) -> list[dict[str, Any]]:
     """The first ``n`` completions of the rollout with their prompt and total reward."""
     return [
-        {"step": step, "prompt": rollout.rows[i // rollout.group_size]["prompt"], "completion": rollout.completions[i],
-         "reward": rewards[i].item()}
+        {
+            "step": step,
+            "prompt": rollout.rows[i // rollout.group_size]["prompt"],
+            "completion": rollout.completions[i],
+            "reward": rewards[i].item(),
+        }
         for i in range(min(n, len(rollout.completions)))
     ]
 
@@ -44,8 +48,9 @@ class CompletionsTable(L.Callback):
     def __init__(self, every_n_steps: int = 10, num_rows: int = 8) -> None:
         self.every_n_steps, self.num_rows = every_n_steps, num_rows
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """Write the table when the step the module logged (``outputs["step"]``) is a multiple of ``every_n_steps``."""
         if not trainer.is_global_zero or not outputs or self.every_n_steps <= 0:
             return

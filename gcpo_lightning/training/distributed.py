@@ -47,15 +47,19 @@ def check_strategy(strategy: Any) -> None:
     if isinstance(strategy, ModelParallelStrategy):
         tp = strategy._tensor_parallel_size  # noqa: SLF001 - only readable here before the mesh exists
         if tp not in (1, "auto") or (tp == "auto" and strategy.num_processes > 1):
-            raise ValueError(f"GCPOModule: ModelParallelStrategy needs tensor_parallel_size=1 and "
-                             f"data_parallel_size=<number of processes> (FSDP only), got tensor_parallel_size={tp}")
+            raise ValueError(
+                f"GCPOModule: ModelParallelStrategy needs tensor_parallel_size=1 and "
+                f"data_parallel_size=<number of processes> (FSDP only), got tensor_parallel_size={tp}"
+            )
     elif isinstance(strategy, ParallelStrategy):
         # Lightning's parallel strategies (DDP, FSDP, ...) define num_processes; the ParallelStrategy base does not
         processes = strategy.num_processes  # type: ignore[attr-defined]
         if processes * getattr(strategy, "num_nodes", 1) > 1:
-            raise ValueError(f"GCPOModule: {type(strategy).__name__} is not supported; use "
-                             f"lightning.pytorch.strategies.ModelParallelStrategy (FSDP2) with "
-                             f"data_parallel_size=<number of processes> and tensor_parallel_size=1 (configs/fsdp.yaml)")
+            raise ValueError(
+                f"GCPOModule: {type(strategy).__name__} is not supported; use "
+                f"lightning.pytorch.strategies.ModelParallelStrategy (FSDP2) with "
+                f"data_parallel_size=<number of processes> and tensor_parallel_size=1 (configs/fsdp.yaml)"
+            )
 
 
 def rank_share(local: Tensor) -> float:

@@ -111,7 +111,9 @@ class RebuildsComponents:
         hparams = read_hparams(checkpoint_path)
         missing = {k: v for k, v in hparams.get("_not_rebuildable", {}).items() if k not in kwargs}
         if missing:
-            raise ValueError(f"{cls.__name__}.load_from_checkpoint({checkpoint_path}): the checkpoint cannot rebuild "
-                             + "; ".join(f"{k} ({v})" for k, v in missing.items())
-                             + f"; pass {', '.join(f'{k}=...' for k in missing)} to load_from_checkpoint")
+            raise ValueError(
+                f"{cls.__name__}.load_from_checkpoint({checkpoint_path}): the checkpoint cannot rebuild "
+                + "; ".join(f"{k} ({v})" for k, v in missing.items())
+                + f"; pass {', '.join(f'{k}=...' for k in missing)} to load_from_checkpoint"
+            )
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]

@@ -73,8 +73,7 @@ class StepLogger(nn.Module):
         super().__init__()
         self.reward, self.accuracy = MeanMetric(), MeanMetric()
 
-    def log(self, module: Any, rollout: Rollout, rewards: Tensor, per_func: Tensor,
-            metrics: dict[str, float]) -> None:
+    def log(self, module: Any, rollout: Rollout, rewards: Tensor, per_func: Tensor, metrics: dict[str, float]) -> None:
         """Log the step on ``module`` (a GCPOModule; rewards of all ranks: ``[W*N]`` and ``[W*N, F]``)."""
         funcs = module.reward_funcs
         self.reward(rewards)

@@ -62,6 +62,8 @@ def restore_rank_rng(states: list[dict[str, Any]]) -> None:
     """Set this rank's generators from a list saved by :func:`all_rng_states`."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if len(states) != (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1):
-        raise ValueError(f"checkpoint holds random states for {len(states)} ranks; this run has a different world "
-                         f"size, so the random streams cannot be restored exactly")
+        raise ValueError(
+            f"checkpoint holds random states for {len(states)} ranks; this run has a different world "
+            f"size, so the random streams cannot be restored exactly"
+        )
     set_rng_state(states[rank])

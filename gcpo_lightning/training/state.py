@@ -57,11 +57,14 @@ class SkipCounter:
         opt.step()  # no parameter has a gradient, so nothing changes
         self.total += 1
         self.consecutive += 1
-        rank_zero_info(f"GCPOModule: non-finite {what} at global step {global_step}; step skipped "
-                       f"({self.total} skipped so far)")
+        rank_zero_info(
+            f"GCPOModule: non-finite {what} at global step {global_step}; step skipped ({self.total} skipped so far)"
+        )
         if self.consecutive >= self.max_consecutive:
-            raise FloatingPointError(f"GCPOModule: {self.consecutive} consecutive steps had a non-finite {what}; "
-                                     f"stopping (raise max_consecutive_skips to tolerate more)")
+            raise FloatingPointError(
+                f"GCPOModule: {self.consecutive} consecutive steps had a non-finite {what}; "
+                f"stopping (raise max_consecutive_skips to tolerate more)"
+            )
         return {}
 
     def reset(self) -> None:

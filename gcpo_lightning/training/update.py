@@ -22,16 +22,26 @@ from gcpo_lightning.policy.sharding import full_tensor
 from gcpo_lightning.training.distributed import rank_share
 
 
-def micro_batch_loss(m: Any, mb: Rollout, adv: Tensor, prepared: PenaltyInputs, models: PolicyModels
-                     ) -> tuple[Tensor, dict[str, float]]:
+def micro_batch_loss(
+    m: Any, mb: Rollout, adv: Tensor, prepared: PenaltyInputs, models: PolicyModels
+) -> tuple[Tensor, dict[str, float]]:
     """``-J`` of module ``m`` on a micro-batch under the current policy (paper Eq. 10, 12), and its statistics."""
-    scores = score_completions(m.built_policy, *mb.scoring_inputs(), temperature=models.temperature,
-                               logits_chunk_size=models.logits_chunk_size)
+    scores = score_completions(
+        m.built_policy, *mb.scoring_inputs(), temperature=models.temperature, logits_chunk_size=models.logits_chunk_size
+    )
     penalty = m.kl.penalty(scores, mb, prepared, models)  # 6b
     old_logps = scores.logps.detach() if mb.old_logps is None else mb.old_logps  # on-policy: pi_old = pi_theta
     mask, clip = mb.completion_mask.float(), (m.epsilon, m.epsilon_high)
-    loss, ratio = policy_loss(scores.logps, old_logps, adv, mask, penalty.per_token, *clip, m.loss,  # 6a, 6c
-                              m.sampler.max_completion_length)
+    loss, ratio = policy_loss(
+        scores.logps,
+        old_logps,
+        adv,
+        mask,
+        penalty.per_token,
+        *clip,
+        m.loss,  # 6a, 6c
+        m.sampler.max_completion_length,
+    )
     if not torch.isfinite(loss):
         return loss, {}
     clips = clip_fractions(ratio.detach(), adv, mask, *clip)
@@ -64,15 +74,14 @@ def optimisation_step(m: Any, mb: Rollout, adv: Tensor, prepared: PenaltyInputs,
     return {**stats, "grad_norm": grad_norm.item()}
 
 
-def update_policy(m: Any, rollout: Rollout, advantages: Advantages, prepared: PenaltyInputs, models: PolicyModels
-              ) -> dict:
+def update_policy(
+    m: Any, rollout: Rollout, advantages: Advantages, prepared: PenaltyInputs, models: PolicyModels
+) -> dict:
     """Step 6: ``m.num_iterations`` passes of clipped-surrogate steps against the rollout's old log-probs."""
     stats: dict[str, list[float]] = {}
     for _ in range(m.num_iterations):
-        for index in mini_batches(len(rollout.completions), m.num_generations, m.mini_batch_size,
-                                  m.device):
-            step = optimisation_step(m, rollout.select(index), advantages.values[index], prepared.select(index),
-                                     models)
+        for index in mini_batches(len(rollout.completions), m.num_generations, m.mini_batch_size, m.device):
+            step = optimisation_step(m, rollout.select(index), advantages.values[index], prepared.select(index), models)
             for k, v in step.items():
                 stats.setdefault(k, []).append(v)
     return {k: sum(v) / len(v) for k, v in stats.items()}

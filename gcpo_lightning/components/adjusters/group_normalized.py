@@ -31,4 +31,3 @@ class GroupNormalizedAdvantage(RewardAdjuster):
         """Group-normalised advantages ``A``; the causal graph is not used."""
         values = group_normalize(rewards, rollout.group_size, self.scale_rewards, self.eps, batch_rewards)
         return Advantages(values=values, metrics=advantage_stats(values))
-

@@ -15,9 +15,16 @@ def reference_logps(rollout: Rollout, models: PolicyModels, batch_size: int = 64
     """``log pi_ref(y_t | q, y_<t)`` for every completion token, ``[N, T]``, temperature applied, no grad."""
     if models.reference is None:
         raise ValueError("reference_logps: models.reference is None; a reference model is needed to score against")
-    return score_in_batches(models.reference, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                            rollout.completion_mask, models.temperature, batch_size=batch_size,
-                            logits_chunk_size=models.logits_chunk_size).logps
+    return score_in_batches(
+        models.reference,
+        rollout.prompt_ids,
+        rollout.prompt_mask,
+        rollout.completion_ids,
+        rollout.completion_mask,
+        models.temperature,
+        batch_size=batch_size,
+        logits_chunk_size=models.logits_chunk_size,
+    ).logps
 
 
 class ReferenceKL(ProjectedKL):

@@ -29,15 +29,45 @@ WORD_PROBLEM_TEMPLATE = MATH_TEMPLATE
 Split = Literal["train", "heldout"]
 
 NAMES: tuple[tuple[str, str], ...] = (
-    ("Ava", "she"), ("Ben", "he"), ("Chloe", "she"), ("Daniel", "he"), ("Emma", "she"), ("Felix", "he"),
-    ("Grace", "she"), ("Hugo", "he"), ("Isla", "she"), ("Jack", "he"), ("Lena", "she"), ("Marco", "he"),
-    ("Nora", "she"), ("Omar", "he"), ("Priya", "she"), ("Sam", "he"), ("Tara", "she"), ("Victor", "he"),
+    ("Ava", "she"),
+    ("Ben", "he"),
+    ("Chloe", "she"),
+    ("Daniel", "he"),
+    ("Emma", "she"),
+    ("Felix", "he"),
+    ("Grace", "she"),
+    ("Hugo", "he"),
+    ("Isla", "she"),
+    ("Jack", "he"),
+    ("Lena", "she"),
+    ("Marco", "he"),
+    ("Nora", "she"),
+    ("Omar", "he"),
+    ("Priya", "she"),
+    ("Sam", "he"),
+    ("Tara", "she"),
+    ("Victor", "he"),
 )
-ITEMS: tuple[str, ...] = ("apples", "pencils", "stickers", "marbles", "cards", "books", "shells", "stamps",
-                          "balloons", "beads", "crayons", "toy cars")
+ITEMS: tuple[str, ...] = (
+    "apples",
+    "pencils",
+    "stickers",
+    "marbles",
+    "cards",
+    "books",
+    "shells",
+    "stamps",
+    "balloons",
+    "beads",
+    "crayons",
+    "toy cars",
+)
 THINGS: tuple[str, ...] = ("a book", "a toy", "lunch", "a movie ticket", "a plant", "a board game", "a scarf")
 OPERATORS: dict[str, Callable[[int, int], int]] = {
-    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b,
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a // b,
 }
 
 
@@ -104,8 +134,9 @@ def t_add(rng: random.Random, s: Story) -> Made:
 def t_sub(rng: random.Random, s: Story) -> Made:
     a = rng.randint(10, 60)
     b = rng.randint(2, a - 1)
-    q = s.text("{name} had {a} {items} and gave {b} of them to {friend}. How many {items} does {name} have left?",
-               a=a, b=b)
+    q = s.text(
+        "{name} had {a} {items} and gave {b} of them to {friend}. How many {items} does {name} have left?", a=a, b=b
+    )
     return (a, b), q, s.step("{name} has {calc} {items} left.", a, "-", b)
 
 
@@ -117,15 +148,23 @@ def t_mul(rng: random.Random, s: Story) -> Made:
 
 def t_div(rng: random.Random, s: Story) -> Made:
     b, share = rng.randint(2, 9), rng.randint(2, 12)
-    q = s.text("{name} shares {total} {items} equally among {b} friends. How many {items} does each friend get?",
-               total=b * share, b=b)
+    q = s.text(
+        "{name} shares {total} {items} equally among {b} friends. How many {items} does each friend get?",
+        total=b * share,
+        b=b,
+    )
     return (b * share, b), q, s.step("Each friend gets {calc} {items}.", b * share, "/", b)
 
 
 def t_packs(rng: random.Random, s: Story) -> Made:
     a, b, c = rng.randint(2, 30), rng.randint(2, 6), rng.randint(2, 10)
-    q = s.text("{name} has {a} {items}. {He} buys {b} packs with {c} {items} in each pack. "
-               "How many {items} does {name} have now?", a=a, b=b, c=c)
+    q = s.text(
+        "{name} has {a} {items}. {He} buys {b} packs with {c} {items} in each pack. "
+        "How many {items} does {name} have now?",
+        a=a,
+        b=b,
+        c=c,
+    )
     packs = s.step("The packs hold {calc} {items}.", b, "*", c)
     return (a, b, c), q, s.step("{name} has {calc} {items} now.", a, "+", packs)
 
@@ -133,8 +172,13 @@ def t_packs(rng: random.Random, s: Story) -> Made:
 def t_wage(rng: random.Random, s: Story) -> Made:
     a, b = rng.randint(5, 20), rng.randint(2, 8)
     c = rng.randint(1, a * b - 1)
-    q = s.text("{name} earns ${a} an hour and works {b} hours. Then {he} spends ${c} on {thing}. "
-               "How many dollars does {name} have left?", a=a, b=b, c=c)
+    q = s.text(
+        "{name} earns ${a} an hour and works {b} hours. Then {he} spends ${c} on {thing}. "
+        "How many dollars does {name} have left?",
+        a=a,
+        b=b,
+        c=c,
+    )
     earned = s.step("{name} earns {calc} dollars.", a, "*", b)
     return (a, b, c), q, s.step("{He} has {calc} dollars left.", earned, "-", c)
 
@@ -142,32 +186,49 @@ def t_wage(rng: random.Random, s: Story) -> Made:
 def t_orchard(rng: random.Random, s: Story) -> Made:
     a, b = rng.randint(2, 12), rng.randint(3, 15)
     c = rng.randint(1, a * b - 1)
-    q = s.text("A farmer plants {a} rows of {b} trees. A storm knocks down {c} trees. "
-               "How many trees are still standing?", a=a, b=b, c=c)
+    q = s.text(
+        "A farmer plants {a} rows of {b} trees. A storm knocks down {c} trees. How many trees are still standing?",
+        a=a,
+        b=b,
+        c=c,
+    )
     planted = s.step("The farmer plants {calc} trees.", a, "*", b)
     return (a, b, c), q, s.step("There are {calc} trees still standing.", planted, "-", c)
 
 
 def t_times_as_many(rng: random.Random, s: Story) -> Made:
     a, k = rng.randint(3, 30), rng.randint(2, 4)
-    q = s.text("{name} reads {a} pages on Monday and {k} times as many pages on Tuesday. "
-               "How many pages does {name} read on the two days together?", a=a, k=k)
+    q = s.text(
+        "{name} reads {a} pages on Monday and {k} times as many pages on Tuesday. "
+        "How many pages does {name} read on the two days together?",
+        a=a,
+        k=k,
+    )
     tuesday = s.step("On Tuesday {he} reads {calc} pages.", a, "*", k)
     return (a, k), q, s.step("Together {he} reads {calc} pages.", a, "+", tuesday)
 
 
 def t_more_than(rng: random.Random, s: Story) -> Made:
     a, b = rng.randint(3, 40), rng.randint(2, 20)
-    q = s.text("{name} has {a} {items}. {friend} has {b} more {items} than {name}. "
-               "How many {items} do they have altogether?", a=a, b=b)
+    q = s.text(
+        "{name} has {a} {items}. {friend} has {b} more {items} than {name}. How many {items} do they have altogether?",
+        a=a,
+        b=b,
+    )
     friend = s.step("{friend} has {calc} {items}.", a, "+", b)
     return (a, b), q, s.step("Altogether they have {calc} {items}.", a, "+", friend)
 
 
 def t_shopping(rng: random.Random, s: Story) -> Made:
     a, b, c, d = rng.randint(2, 5), rng.randint(2, 9), rng.randint(2, 6), rng.randint(1, 4)
-    q = s.text("{name} buys {a} notebooks that cost ${b} each and {c} pens that cost ${d} each. "
-               "How many dollars does {name} spend?", a=a, b=b, c=c, d=d)
+    q = s.text(
+        "{name} buys {a} notebooks that cost ${b} each and {c} pens that cost ${d} each. "
+        "How many dollars does {name} spend?",
+        a=a,
+        b=b,
+        c=c,
+        d=d,
+    )
     notebooks = s.step("The notebooks cost {calc} dollars.", a, "*", b)
     pens = s.step("The pens cost {calc} dollars.", c, "*", d)
     return (a, b, c, d), q, s.step("{name} spends {calc} dollars.", notebooks, "+", pens)
@@ -177,8 +238,14 @@ def t_bakery(rng: random.Random, s: Story) -> Made:
     a, b, d = rng.randint(2, 6), rng.randint(6, 12), rng.randint(2, 6)
     per_bag = rng.randint(1, (a * b - 1) // d)
     c = a * b - d * per_bag
-    q = s.text("A bakery bakes {a} trays of {b} cookies. It sells {c} cookies and packs the rest equally into "
-               "{d} bags. How many cookies go in each bag?", a=a, b=b, c=c, d=d)
+    q = s.text(
+        "A bakery bakes {a} trays of {b} cookies. It sells {c} cookies and packs the rest equally into "
+        "{d} bags. How many cookies go in each bag?",
+        a=a,
+        b=b,
+        c=c,
+        d=d,
+    )
     baked = s.step("The bakery bakes {calc} cookies.", a, "*", b)
     rest = s.step("After the sale {calc} cookies are left.", baked, "-", c)
     return (a, b, c, d), q, s.step("Each bag gets {calc} cookies.", rest, "/", d)
@@ -187,18 +254,33 @@ def t_bakery(rng: random.Random, s: Story) -> Made:
 def t_savings(rng: random.Random, s: Story) -> Made:
     a, b, c = rng.randint(2, 15), rng.randint(2, 8), rng.randint(5, 30)
     d = rng.randint(1, a * b + c - 1)
-    q = s.text("{name} saves ${a} every week for {b} weeks. {His} grandmother gives {him} ${c}. Then {he} spends "
-               "${d} on {thing}. How many dollars does {name} have now?", His=s.his.capitalize(), a=a, b=b, c=c, d=d)
+    q = s.text(
+        "{name} saves ${a} every week for {b} weeks. {His} grandmother gives {him} ${c}. Then {he} spends "
+        "${d} on {thing}. How many dollars does {name} have now?",
+        His=s.his.capitalize(),
+        a=a,
+        b=b,
+        c=c,
+        d=d,
+    )
     saved = s.step("{name} saves {calc} dollars.", a, "*", b)
     total = s.step("With the gift {he} has {calc} dollars.", saved, "+", c)
     return (a, b, c, d), q, s.step("After shopping {he} has {calc} dollars.", total, "-", d)
 
 
 TEMPLATES: dict[str, tuple[int, Callable[[random.Random, Story], Made]]] = {
-    "add": (1, t_add), "sub": (1, t_sub), "mul": (1, t_mul), "div": (1, t_div),
-    "packs": (2, t_packs), "wage": (2, t_wage), "orchard": (2, t_orchard), "times_as_many": (2, t_times_as_many),
+    "add": (1, t_add),
+    "sub": (1, t_sub),
+    "mul": (1, t_mul),
+    "div": (1, t_div),
+    "packs": (2, t_packs),
+    "wage": (2, t_wage),
+    "orchard": (2, t_orchard),
+    "times_as_many": (2, t_times_as_many),
     "more_than": (2, t_more_than),
-    "shopping": (3, t_shopping), "bakery": (3, t_bakery), "savings": (3, t_savings),
+    "shopping": (3, t_shopping),
+    "bakery": (3, t_bakery),
+    "savings": (3, t_savings),
 }
 """Story templates by name: ``(number of arithmetic steps, generator)``."""
 
@@ -265,8 +347,9 @@ class WordProblemTask:
         return list(problems.values())
 
 
-def write_word_problems(path: str | Path, n: int, seed: int = 0, split: Split = "train",
-                        task: WordProblemTask | None = None) -> Path:
+def write_word_problems(
+    path: str | Path, n: int, seed: int = 0, split: Split = "train", task: WordProblemTask | None = None
+) -> Path:
     """Write ``n`` problems as GSM8K-format JSONL rows (``question``, ``answer`` = the solution).
 
     Read them back with ``HFPromptDataModule(path=<file>, preset="gsm8k")``.
