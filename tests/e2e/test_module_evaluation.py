@@ -8,7 +8,6 @@ import json
 import lightning as L
 import pytest
 import torch
-from test_module import fit, make_module
 
 from gcpo_lightning import ArithmeticDataModule
 from gcpo_lightning.cli import main
@@ -30,7 +29,7 @@ def always_right_on_first_problem(completions, answer, **_):
     return [1.0 if a == answer[0] else 0.0 for a in answer]
 
 
-def test_validate_reports_sampled_metrics_and_writes_each_problem(tiny_model_dir, tmp_path):
+def test_validate_reports_sampled_metrics_and_writes_each_problem(make_module, tiny_model_dir, tmp_path):
     module = make_module(tiny_model_dir, reward_funcs=[even_length], eval_num_samples=4, eval_pass_at=[1, 2, 4],
                          eval_results_path=str(tmp_path / "eval" / "{stage}_{step}.jsonl"))
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -50,7 +49,7 @@ def test_validate_reports_sampled_metrics_and_writes_each_problem(tiny_model_dir
     assert metrics["val/majority@4"] == pytest.approx(sum(r.majority for r in records) / 6)
 
 
-def test_pass_at_k_of_known_correctness(tiny_model_dir):
+def test_pass_at_k_of_known_correctness(make_module, tiny_model_dir):
     # the reward marks every sample of the first problem of each batch right: with 2 problems per batch and
     # 2 batches, half the problems are always solved -> pass@1 = pass@k = 0.5 exactly
     module = make_module(tiny_model_dir, reward_funcs=[always_right_on_first_problem], eval_num_samples=3)
@@ -60,7 +59,7 @@ def test_pass_at_k_of_known_correctness(tiny_model_dir):
     assert "val/majority@3" not in metrics  # this reward has no answer_key: no vote
 
 
-def test_greedy_single_sample_is_deterministic(tiny_model_dir):
+def test_greedy_single_sample_is_deterministic(make_module, tiny_model_dir):
     module = make_module(tiny_model_dir, reward_funcs=[arithmetic_accuracy])
     dm = ArithmeticDataModule(num_train=16, num_val=4, val_batch_size=4)
     trainer = L.Trainer(logger=False, enable_progress_bar=False)
@@ -70,7 +69,7 @@ def test_greedy_single_sample_is_deterministic(tiny_model_dir):
     assert trainer.validate(module, dm)[0] == a
 
 
-def test_bad_eval_settings_fail_in_init(tiny_model_dir):
+def test_bad_eval_settings_fail_in_init(make_module, tiny_model_dir):
     with pytest.raises(ValueError, match="eval_pass_at"):
         make_module(tiny_model_dir, eval_num_samples=2, eval_pass_at=[4])
 
@@ -84,7 +83,7 @@ def test_test_subcommand_from_the_command_line(tmp_path):
     assert len(lines) == 4 and {"pass_at", "completions", "correct"} <= json.loads(lines[0]).keys()
 
 
-def test_code_reward_trains_and_reports_sandbox_outcomes(tiny_model_dir, tmp_path):
+def test_code_reward_trains_and_reports_sandbox_outcomes(make_module, fit, tiny_model_dir, tmp_path):
     from importlib.resources import files
 
     from gcpo_lightning import HFPromptDataModule

@@ -10,25 +10,58 @@ import yaml
 from gcpo_lightning.cli import main
 from gcpo_lightning.module import GCPOModule
 
-CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+CONFIGS = sorted(Path(__file__).parents[2].joinpath("configs").glob("*.yaml"))
 
 
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]  # GPU configs are checked here on the CPU
 
 
+SLOTS = ("sampler", "graph_builder", "adjuster", "kl")
+
+
+def assert_matches(obj: object, expected: object, where: str) -> None:
+    """``obj`` is what the YAML ``expected`` describes: the class ``class_path`` names, with every scalar init arg
+    (components keep each ``__init__`` argument under its own name); a string naming a class (``backend:
+    KVCacheLoop``) or a mapping of settings (``lora: {r: 16}``) is compared with the object the CLI built from it."""
+    if isinstance(expected, dict) and "class_path" in expected:
+        assert type(obj).__name__ == expected["class_path"].rsplit(".", 1)[-1], where
+        expected = expected.get("init_args", {})
+    if isinstance(expected, dict):
+        for key, value in expected.items():
+            assert_matches(obj[key] if isinstance(obj, dict) else getattr(obj, key), value, f"{where}.{key}")
+    elif isinstance(expected, str) and not isinstance(obj, str):
+        assert type(obj).__name__ == expected, where
+    elif isinstance(expected, (bool, int, float, str)) or expected is None:
+        assert obj == expected, f"{where}: {obj!r} != {expected!r}"
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_config_instantiates(config):
-    on_gpu = yaml.safe_load(config.read_text())["trainer"].get("accelerator") in ("gpu", "cuda")
+    """Every shipped config builds the system it describes, not merely some GCPOModule."""
+    spec = yaml.safe_load(config.read_text())
+    on_gpu = spec["trainer"].get("accelerator") in ("gpu", "cuda")
     cli = main(["--config", str(config), *(ON_CPU if on_gpu else [])], run=False)
     assert isinstance(cli.model, GCPOModule)
-    assert cli.datamodule is not None
-    assert cli.trainer.max_steps > 0
+    for slot in SLOTS:
+        if slot in spec["model"]:
+            assert_matches(getattr(cli.model, slot), spec["model"][slot], slot)
+    assert cli.model.num_generations == spec["model"]["num_generations"]
+    assert_matches(cli.model.policy_builder, spec["model"]["policy_builder"], "policy_builder")
+    assert type(cli.datamodule).__name__ == spec["data"]["class_path"].rsplit(".", 1)[-1]
+    assert cli.trainer.max_steps == spec["trainer"]["max_steps"]
 
 
 @pytest.mark.parametrize("overlay", sorted(Path(CONFIGS[0].parent, "overlays").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_overlay_composes_with_the_default(overlay):
+    """The overlay's settings reach the built objects, and the base config's other settings stay."""
+    spec = yaml.safe_load(overlay.read_text())
     cli = main(["--config", "configs/gcpo.yaml", "--config", str(overlay), *ON_CPU], run=False)
-    assert isinstance(cli.model, GCPOModule)
+    assert_matches(cli.model.policy_builder, spec["model"]["policy_builder"], "policy_builder")
+    if "strategy" in spec.get("trainer", {}):
+        assert_matches(cli.trainer.strategy, {"class_path": spec["trainer"]["strategy"]["class_path"]}, "strategy")
+    if "precision" in spec.get("trainer", {}):
+        assert cli.trainer.precision == spec["trainer"]["precision"]
+    assert type(cli.model.adjuster).__name__ == "CausalAdvantage" and cli.model.adjuster.alpha == 2.0  # the base
 
 
 def test_swap_component_in_yaml(tmp_path):
@@ -77,6 +110,7 @@ def test_bad_setting_from_yaml_names_it(capsys):
     assert "num_generations must be >= 2" in text
 
 
+@pytest.mark.slow
 def test_fit_then_validate_from_the_command_line(tiny_model_dir, tmp_path):
     common = ["--config", "configs/grpo.yaml", f"--model.policy_builder.model_name_or_path={tiny_model_dir}",
               "--model.num_generations=2", "--model.sampler.init_args.max_completion_length=6",

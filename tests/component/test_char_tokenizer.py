@@ -75,6 +75,7 @@ def test_shipped_asset_files() -> None:
     assert "selected_metrics" in info and "group_metrics" in info
 
 
+@pytest.mark.slow
 def test_shipped_model_is_trained() -> None:
     """The shipped weights load from the package path and solve held-out questions well above chance."""
     torch.manual_seed(0)

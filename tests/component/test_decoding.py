@@ -41,7 +41,13 @@ def test_sampled_tokens_stop_at_eos_and_score_consistently(tiny_model_dir):
     mask, _ = completion_mask_from_eos(ids, [tok.eos_token_id, 5])
     assert (ids[mask == 0] == tok.pad_token_id).all(), "padding after each row's EOS"
     scores = score_completions(model, enc["input_ids"], enc["attention_mask"], ids, mask, temperature=0.8)
-    assert torch.isfinite(scores.logps[mask.bool()]).all()
+    # independently: one plain forward over prompt + completion (equal prompts, no padding), the logits at
+    # positions P-1 .. P+T-2 predict the completion's tokens; log_softmax(logits / 0.8) at the sampled token
+    P = enc["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([enc["input_ids"], ids], 1)).logits[:, P - 1 : -1]
+    expected = (logits / 0.8).log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(scores.logps * mask, expected * mask, atol=1e-5, rtol=1e-5)
 
 
 def test_min_new_tokens_suppresses_early_eos(tiny_model_dir):

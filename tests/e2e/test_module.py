@@ -2,58 +2,16 @@
 
 from __future__ import annotations
 
-import csv
+import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from custom_components import length_reward, raising_reward, short_reward
-from lightning.pytorch.loggers import CSVLogger
+from custom_components import raising_reward, short_reward
 
-from gcpo_lightning import ArithmeticDataModule, GCPOModule, GroupSampler, ReferenceKL
-from gcpo_lightning.policy.builder import PolicyBuilder
+from gcpo_lightning import ReferenceKL
 from gcpo_lightning.policy.loading import load_causal_lm
 from gcpo_lightning.rewards.base import RewardError
-
-
-def no_decay(params):
-    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-
-
-BUILDER_ARGS = {"model_kwargs", "gradient_checkpointing", "lora", "quantization", "reference_quantization",
-                "fsdp_param_dtype", "use_chat_template", "system_prompt", "logits_chunk_size"}
-
-
-def make_module(model_dir: Path, **kwargs) -> GCPOModule:
-    builder = {k: kwargs.pop(k) for k in list(kwargs) if k in BUILDER_ARGS}
-    defaults = dict(
-        policy_builder=PolicyBuilder(str(model_dir), **builder),
-        reward_funcs=[length_reward],
-        sampler=GroupSampler(max_completion_length=8),
-        kl=ReferenceKL(beta=0.04),
-        num_generations=4,
-        optimizer=no_decay,
-        log_completions_every_n_steps=1,
-    )
-    defaults.update(kwargs)
-    return GCPOModule(**defaults)
-
-
-def fit(module: GCPOModule, tmp_path: Path, steps: int = 2, batch_size: int = 2, dm: L.LightningDataModule | None = None
-        ) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, logger=CSVLogger(tmp_path), num_sanity_val_steps=-1, val_check_interval=steps,
-                        check_val_every_n_epoch=None, log_every_n_steps=1, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    dm = dm or ArithmeticDataModule(batch_size=batch_size, num_train=64, num_val=4, val_batch_size=4)
-    trainer.fit(module, dm)
-    return trainer
-
-
-def logged_rows(trainer: L.Trainer) -> list[dict[str, str]]:
-    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
 
 EXPECTED_METRICS = {
     "reward", "accuracy", "reward_std", "frac_reward_zero_std", "loss", "kl", "entropy", "grad_norm",
@@ -63,7 +21,7 @@ EXPECTED_METRICS = {
 }
 
 
-def test_fit_learns_and_logs(tiny_model_dir, tmp_path):
+def test_fit_learns_and_logs(make_module, fit, logged_rows, tiny_model_dir, tmp_path):
     before = load_causal_lm(str(tiny_model_dir)).state_dict()
     module = make_module(tiny_model_dir, num_iterations=2, mini_batch_size=4)
     trainer = fit(module, tmp_path)
@@ -79,17 +37,26 @@ def test_fit_learns_and_logs(tiny_model_dir, tmp_path):
     losses = [float(r["loss"]) for r in rows if r.get("loss")]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert any(r["step"] == "0" and r.get("val/accuracy") for r in rows), "the baseline is logged at step 0"
-    assert (Path(trainer.logger.log_dir) / "completions.jsonl").read_text().count("\n") > 0
+    # completions.jsonl: every training step (log_completions_every_n_steps=1) writes the first 8 completions (the
+    # default num_completions_to_log; here all 2 prompts x 4), under the optimiser step reached. 8 completions in
+    # mini-batches of 4, twice (num_iterations=2), are 4 optimiser steps, so the first training batch already passes
+    # max_steps=2 (optimiser steps): one table, at step 4. Each row has its prompt and its total reward, with the one
+    # reward function (weight 1) length_reward: len(completion) / 10.
+    table = [json.loads(line) for line in (Path(trainer.logger.log_dir) / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in table] == [4] * 8
+    assert all(r["reward"] == pytest.approx(len(r["completion"]) / 10) for r in table)
+    assert all(r["prompt"].startswith("Problem: ") for r in table)
+    assert len({r["completion"] for r in table}) > 1, "completions of a sampled random model differ"
 
 
-def test_no_reference_is_built_when_beta_is_zero(tiny_model_dir, tmp_path):
+def test_no_reference_is_built_when_beta_is_zero(make_module, fit, tiny_model_dir, tmp_path):
     module = make_module(tiny_model_dir, kl=ReferenceKL(beta=0.0))
     fit(module, tmp_path, steps=1)
     assert module.reference is None
 
 
-def test_non_finite_loss_is_skipped_and_counted(tiny_model_dir, tmp_path, monkeypatch):
-    import gcpo_lightning.module as module_lib
+def test_non_finite_loss_is_skipped_and_counted(make_module, fit, logged_rows, tiny_model_dir, tmp_path, monkeypatch):
+    import gcpo_lightning.training.update as module_lib
 
     real = module_lib.policy_loss
 
@@ -106,8 +73,8 @@ def test_non_finite_loss_is_skipped_and_counted(tiny_model_dir, tmp_path, monkey
     assert max(float(r["skipped_steps"]) for r in logged_rows(trainer) if r.get("skipped_steps")) == 2.0
 
 
-def test_too_many_consecutive_skips_stop_training(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("gcpo_lightning.module.policy_loss", lambda *a, **k: (torch.tensor(float("nan")), None))
+def test_too_many_consecutive_skips_stop_training(make_module, fit, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("gcpo_lightning.training.update.policy_loss", lambda *a, **k: (torch.tensor(float("nan")), None))
     module = make_module(tiny_model_dir, max_consecutive_skips=2)
     with pytest.raises(FloatingPointError, match="2 consecutive steps had a non-finite loss"):
         fit(module, tmp_path, steps=5)
@@ -124,12 +91,12 @@ def test_too_many_consecutive_skips_stop_training(tiny_model_dir, tmp_path, monk
         (dict(epsilon=0.0), "epsilon"),
     ],
 )
-def test_bad_settings_fail_in_init(tiny_model_dir, kwargs, message):
+def test_bad_settings_fail_in_init(make_module, tiny_model_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_module(tiny_model_dir, **kwargs)
 
 
-def test_rollout_batch_not_divisible_by_mini_batch(tiny_model_dir, tmp_path, monkeypatch):
+def test_rollout_batch_not_divisible_by_mini_batch(make_module, fit, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("gcpo_lightning.policy.builder.load_causal_lm", _no_model_load)
     module = make_module(tiny_model_dir, num_generations=4, mini_batch_size=8)
     with pytest.raises(ValueError, match="not divisible by mini_batch_size"):
@@ -142,7 +109,7 @@ def _no_model_load(*args, **kwargs):
 
 @pytest.mark.parametrize(("fn", "message"), [(raising_reward, "'raising_reward' raised KeyError"),
                                               (short_reward, "'short_reward' returned 1 values for 2 completions")])
-def test_bad_reward_function_is_named_before_the_model_loads(tiny_model_dir, tmp_path, fn, message, monkeypatch):
+def test_bad_reward_function_is_named_before_the_model_loads(make_module, fit, tiny_model_dir, tmp_path, fn, message, monkeypatch):
     monkeypatch.setattr("gcpo_lightning.policy.builder.load_causal_lm", _no_model_load)
     module = make_module(tiny_model_dir, reward_funcs=[fn])
     with pytest.raises(RewardError, match=message):
@@ -156,11 +123,12 @@ def test_reward_metric_names_stay_distinct():
     assert unique_names(["acc", "fmt"]) == ["acc", "fmt"]
 
 
-def test_rollout_is_rescored_only_when_needed(tiny_model_dir):
+def test_rollout_is_rescored_only_when_needed(make_module, tiny_model_dir):
     from gcpo_lightning import CausalAdvantage
+    from gcpo_lightning.training.checks import needs_rollout_scores
 
     grpo = make_module(tiny_model_dir)  # one on-policy step, GRPO components: old log-probs = detached new ones
-    assert not grpo.needs_rollout_scores(num_prompts=2)
-    assert make_module(tiny_model_dir, num_iterations=2).needs_rollout_scores(2)
-    assert make_module(tiny_model_dir, mini_batch_size=4).needs_rollout_scores(2)  # 2 optimiser steps
-    assert make_module(tiny_model_dir, adjuster=CausalAdvantage()).needs_rollout_scores(2)  # reads rep(y)
+    assert not needs_rollout_scores(grpo, num_prompts=2)
+    assert needs_rollout_scores(make_module(tiny_model_dir, num_iterations=2), 2)
+    assert needs_rollout_scores(make_module(tiny_model_dir, mini_batch_size=4), 2)  # 2 optimiser steps
+    assert needs_rollout_scores(make_module(tiny_model_dir, adjuster=CausalAdvantage()), 2)  # reads rep(y)

@@ -1,7 +1,7 @@
 """The code sandbox: every failure mode maps to passed=False with its reason, in time, leaving nothing behind.
 
 These run in the default jail (bubblewrap) unless they test the ``unsafe-guard-only`` mode; deliberate attacks on
-the jail and the verdict are in ``tests/test_sandbox_attacks.py``.
+the jail and the verdict are in ``tests/component/test_sandbox_attacks.py``.
 """
 
 from __future__ import annotations

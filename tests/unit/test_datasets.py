@@ -14,7 +14,7 @@ from gcpo_lightning.data.datamodules import DataError, HFPromptDataModule, WordP
 from gcpo_lightning.data.presets import GSM8K, HUMANEVAL, MATH, PRESETS, GSM8KPreset, Preset, PresetName, get_preset
 from gcpo_lightning.data.tasks.word_problems import TEMPLATES, WordProblemTask, write_word_problems
 
-SAMPLES = Path(__file__).parents[1] / "gcpo_lightning" / "assets" / "samples"
+SAMPLES = Path(__file__).parents[2] / "gcpo_lightning" / "assets" / "samples"
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

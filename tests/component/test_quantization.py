@@ -11,13 +11,10 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from conftest import save_tiny_llama  # noqa: E402
-
 from gcpo_lightning.components.scoring.logprobs import score_completions  # noqa: E402
 from gcpo_lightning.policy.loading import load_causal_lm  # noqa: E402
-from gcpo_lightning.policy.quantization import (
+from gcpo_lightning.policy.quantization import (  # noqa: E402
     QuantizationConfig,
-    # noqa: E402     QuantizationConfig,
     as_quantization_config,
     count_4bit_linears,
     dequantized_weight,
@@ -31,10 +28,10 @@ HIDDEN = 128  # hidden 128 / intermediate 256: the linear layers dominate the me
 
 
 @pytest.fixture(scope="module")
-def mid_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def mid_model_dirs(make_tiny_llama, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two random Llamas (hidden 128, 2 layers) with different seeds: the model, and a yardstick."""
     root = tmp_path_factory.mktemp("llama128")
-    return save_tiny_llama(root / "a", seed=0, hidden=HIDDEN), save_tiny_llama(root / "b", seed=1, hidden=HIDDEN)
+    return make_tiny_llama(root / "a", seed=0, hidden=HIDDEN), make_tiny_llama(root / "b", seed=1, hidden=HIDDEN)
 
 
 @pytest.fixture(scope="module")

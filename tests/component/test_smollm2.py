@@ -131,6 +131,7 @@ def test_finds_gguf_file() -> None:
     assert path.stat().st_size > 50_000_000
 
 
+@pytest.mark.slow
 def test_converted_folder_is_plain_checkpoint(smollm2_dir: Path) -> None:
     assert smollm2.is_converted(smollm2_dir)
     assert not list(smollm2_dir.glob("*.gguf"))
@@ -138,6 +139,7 @@ def test_converted_folder_is_plain_checkpoint(smollm2_dir: Path) -> None:
     assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(".")]  # no staging left
 
 
+@pytest.mark.slow
 def test_model_size_and_dtype(smollm2_loaded: tuple[Any, Any]) -> None:
     import torch
 
@@ -148,6 +150,7 @@ def test_model_size_and_dtype(smollm2_loaded: tuple[Any, Any]) -> None:
     assert getattr(model.config, "quantization_config", None) is None
 
 
+@pytest.mark.slow
 def test_tokenizer_special_tokens_and_chat_template(smollm2_loaded: tuple[Any, Any]) -> None:
     model, tokenizer = smollm2_loaded
     assert tokenizer.chat_template
@@ -161,6 +164,7 @@ def test_tokenizer_special_tokens_and_chat_template(smollm2_loaded: tuple[Any, A
     assert "<|im_start|>user\nHi<|im_end|>" in text
 
 
+@pytest.mark.slow
 def test_greedy_generation_answers_math_question(smollm2_loaded: tuple[Any, Any]) -> None:
     import torch
 
@@ -170,4 +174,4 @@ def test_greedy_generation_answers_math_question(smollm2_loaded: tuple[Any, Any]
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     completion = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert completion.strip()
+    assert "12" in completion, completion  # 7 + 5; an empty or unrelated completion fails

@@ -217,7 +217,8 @@ def test_extraction_rules(completion: str, expected: str) -> None:
 
 def test_last_number_fallback_can_be_disabled() -> None:
     assert extract_prediction("7 apples", fallback_to_last_number=False) is None
-    assert extract_prediction(r"\boxed{7}", fallback_to_last_number=False) is not None
+    boxed = extract_prediction(r"\boxed{7}", fallback_to_last_number=False)  # a box is not the fallback
+    assert boxed is not None and boxed.text == "7"
 
 
 def test_overlong_prediction_is_not_parsed() -> None:

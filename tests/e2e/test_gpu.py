@@ -8,7 +8,6 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from test_module import make_module
 
 from gcpo_lightning import ArithmeticDataModule
 from gcpo_lightning.policy.quantization import QuantizationConfig, count_4bit_linears
@@ -24,20 +23,20 @@ def fit_on_gpu(module, **trainer_kwargs) -> L.Trainer:
     return trainer
 
 
-def test_bf16_mixed_on_cuda(tiny_model_dir):
+def test_bf16_mixed_on_cuda(make_module, tiny_model_dir):
     module = make_module(tiny_model_dir)
     trainer = fit_on_gpu(module, precision="bf16-mixed")
     assert torch.isfinite(trainer.logged_metrics["loss"]) and next(module.policy.parameters()).is_cuda
 
 
-def test_4bit_reference_on_cuda(tiny_model_dir):
+def test_4bit_reference_on_cuda(make_module, tiny_model_dir):
     module = make_module(tiny_model_dir, reference_quantization=QuantizationConfig(compute_dtype="bfloat16"))
     trainer = fit_on_gpu(module, precision="bf16-mixed")
     assert count_4bit_linears(module.reference) > 0 and next(module.reference.parameters()).is_cuda
     assert torch.isfinite(trainer.logged_metrics["kl"])
 
 
-def test_fsdp2_on_one_gpu(tiny_model_dir):
+def test_fsdp2_on_one_gpu(make_module, tiny_model_dir):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     module = make_module(tiny_model_dir, fsdp_param_dtype="bfloat16",

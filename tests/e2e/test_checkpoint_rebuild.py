@@ -49,6 +49,7 @@ def test_every_shipped_config_rebuilds_its_components(config: Path, tmp_path: Pa
     assert loaded.num_generations == trained.num_generations and loaded.epsilon_high == trained.epsilon_high
 
 
+@pytest.mark.slow
 def test_a_trained_gcpo_checkpoint_loads_as_gcpo_with_its_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
     main(["fit", "--config", "configs/gcpo.yaml", f"--model.policy_builder.model_name_or_path={tiny_model_dir}",
           "--model.num_generations=2", "--model.micro_batch_size=null", "--model.sampler.init_args.max_completion_length=6",
