@@ -56,7 +56,8 @@ def run(config: str, steps: int, prompts: int, extra: list[str], threads: int | 
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         if proc.returncode:
             sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-        rows = [r for r in csv.DictReader(open(Path(tmp) / "run" / "version_0" / "metrics.csv")) if r.get("timing/update")]
+        with open(Path(tmp) / "run" / "version_0" / "metrics.csv") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("timing/update")]
     rows = rows[1:] or rows
     keys = [f"timing/{p}" for p in STEP_PHASES + GRAPH_PHASES] + [k for k in rows[0] if k.startswith("tokens_per_s/")]
     out = {k.replace("timing/", ""): statistics.median(float(r[k]) for r in rows) for k in keys if rows[0].get(k)}
@@ -109,15 +110,22 @@ def deviation(steps: int = 3, seed: int = 0) -> None:
     and norm ratio of the gradients of the whole loss and of the causal-KL term alone (kappa 0.06 minus kappa 0)."""
     import torch
 
-    from gcpo_lightning import (ArithmeticDataModule, CausalAdvantage, CausalProjectedKL, ColliderGraphBuilder,
-                                GCPOModule, GroupSampler)
+    from gcpo_lightning import (
+        ArithmeticDataModule,
+        CausalAdvantage,
+        CausalProjectedKL,
+        ColliderGraphBuilder,
+        GCPOModule,
+        GroupSampler,
+    )
     from gcpo_lightning.policy.builder import PolicyBuilder
 
     torch.manual_seed(seed)
     module = GCPOModule(policy_builder=PolicyBuilder("tiny-arith", use_chat_template=False),
                         sampler=GroupSampler(max_completion_length=64, generation_batch_size=64),
                         graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1),
-                        adjuster=CausalAdvantage(alpha=2.0), kl=CausalProjectedKL(beta=0.04, kappa=0.06, max_ratio=10.0),
+                        adjuster=CausalAdvantage(alpha=2.0),
+                        kl=CausalProjectedKL(beta=0.04, kappa=0.06, max_ratio=10.0),
                         num_generations=8)
     module.configure_model()
     dm = ArithmeticDataModule(batch_size=8, seed=seed)
