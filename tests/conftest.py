@@ -81,8 +81,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ----- a GCPOModule and a short fit, in-process ---------------------------------------------------------------
 
-BUILDER_ARGS = {"model_kwargs", "gradient_checkpointing", "lora", "quantization", "reference_quantization",
-                "fsdp_param_dtype", "use_chat_template", "system_prompt", "logits_chunk_size"}
+BUILDER_ARGS = {
+    "model_kwargs",
+    "gradient_checkpointing",
+    "lora",
+    "quantization",
+    "reference_quantization",
+    "fsdp_param_dtype",
+    "use_chat_template",
+    "system_prompt",
+    "logits_chunk_size",
+}
 
 
 def _no_decay(params):
@@ -121,9 +130,17 @@ def _fit(module, tmp_path: Path, steps: int = 2, batch_size: int = 2, dm=None):
 
     from gcpo_lightning import ArithmeticDataModule
 
-    trainer = L.Trainer(max_steps=steps, logger=CSVLogger(tmp_path), num_sanity_val_steps=-1, val_check_interval=steps,
-                        check_val_every_n_epoch=None, log_every_n_steps=1, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=CSVLogger(tmp_path),
+        num_sanity_val_steps=-1,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     dm = dm or ArithmeticDataModule(batch_size=batch_size, num_train=64, num_val=4, val_batch_size=4)
     trainer.fit(module, dm)
     return trainer
@@ -154,14 +171,20 @@ def logged_rows() -> Callable:
 
 # ----- tests/support/distributed_fit.py as its own process ----------------------------------------------------
 
+
 def _fit_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def _run_fit(model: Path, out: Path, *args: str, timeout: int = 600) -> Path:
     """Run the driver to completion; fail with its output if it fails."""
-    proc = subprocess.run([sys.executable, str(FIT_SCRIPT), "--model", str(model), "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=timeout, env=_fit_env())
+    proc = subprocess.run(
+        [sys.executable, str(FIT_SCRIPT), "--model", str(model), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_fit_env(),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 

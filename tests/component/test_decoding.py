@@ -12,7 +12,10 @@ from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer
 
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all() and torch.isfinite(filter_logits(logits, top_k=2)[0, :2]).all()
+    assert (
+        torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()
+        and torch.isfinite(filter_logits(logits, top_k=2)[0, :2]).all()
+    )
     # top_p = 0.7: 0.5 alone is short of 0.7, 0.5 + 0.3 reaches it -> keep the first two
     kept = torch.isfinite(filter_logits(logits, top_p=0.7))[0].tolist()
     assert kept == [True, True, False, False]
@@ -22,12 +25,16 @@ def test_filter_logits_top_k_and_top_p():
 
 def test_greedy_matches_generate(tiny_model_dir):
     model, tok = load_causal_lm(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
-    enc = tok(["Problem: 1+2\nSolution:", "Problem: 3+4+5-6\nSolution:"], return_tensors="pt", padding=True,
-              add_special_tokens=False)
-    ours = decode(model, enc["input_ids"], enc["attention_mask"], 10, [tok.eos_token_id], tok.pad_token_id,
-                  greedy=True)
-    ref = model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)[:, enc["input_ids"].shape[1]:]
+    enc = tok(
+        ["Problem: 1+2\nSolution:", "Problem: 3+4+5-6\nSolution:"],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
+    ours = decode(model, enc["input_ids"], enc["attention_mask"], 10, [tok.eos_token_id], tok.pad_token_id, greedy=True)
+    ref = model.generate(
+        **enc, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )[:, enc["input_ids"].shape[1] :]
     mask, _ = completion_mask_from_eos(ref, [tok.eos_token_id])
     assert torch.equal(ours[:, : ref.shape[1]] * mask, ref * mask)
 
@@ -36,8 +43,9 @@ def test_sampled_tokens_stop_at_eos_and_score_consistently(tiny_model_dir):
     model, tok = load_causal_lm(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
     enc = tok(["Problem: 1+2\nSolution:"] * 6, return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(0)
-    ids = decode(model, enc["input_ids"], enc["attention_mask"], 12, [tok.eos_token_id, 5], tok.pad_token_id,
-                 temperature=0.8)
+    ids = decode(
+        model, enc["input_ids"], enc["attention_mask"], 12, [tok.eos_token_id, 5], tok.pad_token_id, temperature=0.8
+    )
     mask, _ = completion_mask_from_eos(ids, [tok.eos_token_id, 5])
     assert (ids[mask == 0] == tok.pad_token_id).all(), "padding after each row's EOS"
     scores = score_completions(model, enc["input_ids"], enc["attention_mask"], ids, mask, temperature=0.8)

@@ -50,8 +50,6 @@ def test_builder_contexts_hold_the_right_nodes(make_module, tiny_model_dir):
                 assert x.startswith(f"Problem: {rollout.rows[b]['question']}\n")
 
 
-
-
 def _loss_and_grads(module, rollout, models):
     torch.manual_seed(123)
     graph = module.graph_builder.build(rollout, models, module.sampler)
@@ -66,12 +64,21 @@ def _loss_and_grads(module, rollout, models):
 
 @pytest.mark.slow
 def test_gcpo_without_weighting_and_causal_kl_equals_grpo(make_module, tiny_model_dir):
-    grpo = make_module(tiny_model_dir, graph_builder=IndependentResponses(), adjuster=GroupNormalizedAdvantage(),
-                       kl=ReferenceKL(beta=0.04), num_generations=4)
+    grpo = make_module(
+        tiny_model_dir,
+        graph_builder=IndependentResponses(),
+        adjuster=GroupNormalizedAdvantage(),
+        kl=ReferenceKL(beta=0.04),
+        num_generations=4,
+    )
     rollout, models = _rollout(grpo, G=4)
-    gcpo = make_module(tiny_model_dir, graph_builder=ColliderGraphBuilder(num_integrated=2),
-                       adjuster=GroupNormalizedAdvantage(), kl=CausalProjectedKL(beta=0.04, kappa=0.0),
-                       num_generations=4)
+    gcpo = make_module(
+        tiny_model_dir,
+        graph_builder=ColliderGraphBuilder(num_integrated=2),
+        adjuster=GroupNormalizedAdvantage(),
+        kl=CausalProjectedKL(beta=0.04, kappa=0.0),
+        num_generations=4,
+    )
     gcpo.configure_model()
     gcpo_models = gcpo.models()
     loss_a, grads_a = _loss_and_grads(grpo, rollout, models)
@@ -80,13 +87,16 @@ def test_gcpo_without_weighting_and_causal_kl_equals_grpo(make_module, tiny_mode
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
     # and the full GCPO differs: the causal terms are live
-    full = make_module(tiny_model_dir, graph_builder=ColliderGraphBuilder(num_integrated=2), adjuster=CausalAdvantage(),
-                       kl=CausalProjectedKL(beta=0.04, kappa=0.06), num_generations=4)
+    full = make_module(
+        tiny_model_dir,
+        graph_builder=ColliderGraphBuilder(num_integrated=2),
+        adjuster=CausalAdvantage(),
+        kl=CausalProjectedKL(beta=0.04, kappa=0.06),
+        num_generations=4,
+    )
     full.configure_model()
     loss_c, _ = _loss_and_grads(full, rollout, full.models())
     assert not torch.allclose(loss_a, loss_c)
-
-
 
 
 def test_shared_prefix_context_probs_equal_plain(make_module, tiny_model_dir):
@@ -105,8 +115,13 @@ def test_shared_prefix_context_probs_equal_plain(make_module, tiny_model_dir):
 @pytest.mark.parametrize("loss", [SequenceMean(), TokenMean(), ConstantNormalizer()], ids=lambda a: a.name)
 def test_micro_batches_accumulate_to_the_full_gradient(make_module, tiny_model_dir, loss):
     """Splitting a step into micro-batches gives the full batch's gradient (GCPO components, causal KL on x_i)."""
-    kwargs = dict(graph_builder=ColliderGraphBuilder(num_integrated=2), adjuster=CausalAdvantage(),
-                  kl=CausalProjectedKL(), num_generations=3, loss=loss)
+    kwargs = dict(
+        graph_builder=ColliderGraphBuilder(num_integrated=2),
+        adjuster=CausalAdvantage(),
+        kl=CausalProjectedKL(),
+        num_generations=3,
+        loss=loss,
+    )
     full, micro = make_module(tiny_model_dir, **kwargs), make_module(tiny_model_dir, micro_batch_size=2, **kwargs)
     rollout, models = _rollout(full, G=3)
     graph = full.graph_builder.build(rollout, models, full.sampler)
@@ -125,7 +140,3 @@ def test_micro_batches_accumulate_to_the_full_gradient(make_module, tiny_model_d
     assert len(micro_batches(rollout.completion_mask, micro.micro_batch_size, False)) == 3
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)
-
-
-
-

@@ -30,13 +30,27 @@ def _model(model_dir):
 
 def test_preallocated_cache_gives_the_same_tokens(tiny_model_dir):
     model, tok = _model(tiny_model_dir)
-    enc = tok(["Problem: 1+2\nSolution:", "Problem: 3+4+5-6\nSolution:"] * 3, return_tensors="pt", padding=True,
-              add_special_tokens=False)
+    enc = tok(
+        ["Problem: 1+2\nSolution:", "Problem: 3+4+5-6\nSolution:"] * 3,
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     runs = []
     for preallocate in (False, True):
         torch.manual_seed(0)
-        runs.append(decode(model, enc["input_ids"], enc["attention_mask"], 12, [tok.eos_token_id], tok.pad_token_id,
-                           temperature=1.0, preallocate=preallocate))
+        runs.append(
+            decode(
+                model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                12,
+                [tok.eos_token_id],
+                tok.pad_token_id,
+                temperature=1.0,
+                preallocate=preallocate,
+            )
+        )
     assert torch.equal(runs[0], runs[1])
 
 
@@ -51,12 +65,22 @@ def test_shared_prefix_decode_equals_full_prompts(tiny_model_dir):
     owner = torch.tensor([0, 0, 1, 1])
     for greedy in (True, False):
         torch.manual_seed(1)
-        ref = decode(model, enc["input_ids"], enc["attention_mask"], 10, [tok.eos_token_id], tok.pad_token_id,
-                     greedy=greedy)
+        ref = decode(
+            model, enc["input_ids"], enc["attention_mask"], 10, [tok.eos_token_id], tok.pad_token_id, greedy=greedy
+        )
         torch.manual_seed(1)
-        ours = decode_shared_prefix(model, pre["input_ids"], pre["attention_mask"], suf["input_ids"],
-                                    suf["attention_mask"], owner, 10, [tok.eos_token_id], tok.pad_token_id,
-                                    greedy=greedy)
+        ours = decode_shared_prefix(
+            model,
+            pre["input_ids"],
+            pre["attention_mask"],
+            suf["input_ids"],
+            suf["attention_mask"],
+            owner,
+            10,
+            [tok.eos_token_id],
+            tok.pad_token_id,
+            greedy=greedy,
+        )
         assert torch.equal(ref, ours), greedy
 
 
@@ -64,11 +88,15 @@ def test_sample_shared_equals_sample(make_module, tiny_model_dir):
     module = make_module(tiny_model_dir)
     module.configure_model()
     models = module.models()
-    groups = [["Problem: 1+2\nOther: [1] 3\nCombined: 3\nNow:", "Problem: 1+2\nOther: [1] 3\nCombined: 4 maybe\nNow:"],
-              ["Problem: 5-5\nOther: [2] 0\nCombined: 0\nNow:", "Problem: 5-5\nOther: [2] 0\nCombined:\nNow:"]]
+    groups = [
+        ["Problem: 1+2\nOther: [1] 3\nCombined: 3\nNow:", "Problem: 1+2\nOther: [1] 3\nCombined: 4 maybe\nNow:"],
+        ["Problem: 5-5\nOther: [2] 0\nCombined: 0\nNow:", "Problem: 5-5\nOther: [2] 0\nCombined:\nNow:"],
+    ]
     flat = [p for g in groups for p in g]
-    for sampler in (GroupSampler(max_completion_length=8, generation_batch_size=6),
-                    GroupSampler(max_completion_length=8, backend=HFGenerate())):
+    for sampler in (
+        GroupSampler(max_completion_length=8, generation_batch_size=6),
+        GroupSampler(max_completion_length=8, backend=HFGenerate()),
+    ):
         torch.manual_seed(3)
         ref = sampler.sample(models, flat, 3, score=True)
         torch.manual_seed(3)
@@ -85,8 +113,12 @@ def test_collider_share_prefix_builds_the_same_graph(make_module, tiny_model_dir
     graphs = []
     for share in (False, True):
         builder = ColliderGraphBuilder(num_integrated=M, num_context_samples=K, share_prefix=share)
-        module = make_module(tiny_model_dir, num_generations=G, graph_builder=builder,
-                             sampler=GroupSampler(max_completion_length=8, generation_batch_size=8))
+        module = make_module(
+            tiny_model_dir,
+            num_generations=G,
+            graph_builder=builder,
+            sampler=GroupSampler(max_completion_length=8, generation_batch_size=8),
+        )
         module.configure_model()
         models = module.models()
         torch.manual_seed(0)
@@ -105,13 +137,18 @@ def test_frozen_prefix_scores_equal_the_full_pass(tiny_model_dir):
     from gcpo_lightning.components.scoring.logprobs import score_after_frozen_prefix, score_completions
 
     model, tok = _model(tiny_model_dir)
-    ctx = tok(["Problem: 1+2\nOther solutions:\n[2] 3\nNow:", "Problem: 3+4\nNow:"], return_tensors="pt",
-              padding=True, add_special_tokens=False)
+    ctx = tok(
+        ["Problem: 1+2\nOther solutions:\n[2] 3\nNow:", "Problem: 3+4\nNow:"],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     ys = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
     y_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     for chunk in (None, 2):
-        full = score_completions(model, ctx["input_ids"], ctx["attention_mask"], ys, y_mask,
-                                 temperature=0.7, logits_chunk_size=chunk).logps
+        full = score_completions(
+            model, ctx["input_ids"], ctx["attention_mask"], ys, y_mask, temperature=0.7, logits_chunk_size=chunk
+        ).logps
         frozen = score_after_frozen_prefix(model, ctx["input_ids"], ctx["attention_mask"], ys, y_mask, 0.7, chunk)
         torch.testing.assert_close(frozen[y_mask.bool()], full[y_mask.bool()], atol=1e-5, rtol=1e-5)
         norm = model.model.norm.weight

@@ -22,8 +22,11 @@ SHIPPED = r"tiny-arith, smollm2-135m-instruct"
 
 # The module is being refactored: the model path is ``model.policy_builder.model_name_or_path`` once
 # ``PolicyBuilder`` is injected, ``model.model_name_or_path`` before.
-MODEL_OPTION = ("--model.policy_builder.model_name_or_path" if "policy_builder" in
-                inspect.signature(GCPOModule).parameters else "--model.model_name_or_path")
+MODEL_OPTION = (
+    "--model.policy_builder.model_name_or_path"
+    if "policy_builder" in inspect.signature(GCPOModule).parameters
+    else "--model.model_name_or_path"
+)
 
 
 @pytest.fixture
@@ -64,8 +67,11 @@ BROKEN = '{"question": "3+3" "answer": "6"}'  # no comma between the members
 def test_ckpt_path_that_is_not_a_checkpoint(tmp_path, nothing_instantiated, subcommand):
     bad = tmp_path / "notes.ckpt"
     bad.write_text("not a checkpoint\n")
-    with pytest.raises(CheckpointError, match=r"^ckpt_path '.*notes\.ckpt': not a checkpoint \(not a file written "
-                                              r"by torch\.save; torch\.load: UnpicklingError\)$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"^ckpt_path '.*notes\.ckpt': not a checkpoint \(not a file written "
+        r"by torch\.save; torch\.load: UnpicklingError\)$",
+    ):
         main([subcommand, "--config", "configs/grpo.yaml", f"--ckpt_path={bad}"])
 
 
@@ -81,11 +87,16 @@ def test_ckpt_path_folder_without_distributed_metadata(tmp_path, nothing_instant
 
 def test_ckpt_path_bare_state_dict_and_non_mapping(tmp_path):
     torch.save({"weight": torch.zeros(2)}, tmp_path / "bare.pt")
-    with pytest.raises(CheckpointError, match=r"bare\.pt': not a Lightning checkpoint: no 'state_dict' or "
-                                              r"'pytorch-lightning_version' key"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"bare\.pt': not a Lightning checkpoint: no 'state_dict' or "
+        r"'pytorch-lightning_version' key",
+    ):
         check_ckpt_path(tmp_path / "bare.pt")
     torch.save({"state_dict": {}}, tmp_path / "old.ckpt")
-    with pytest.raises(CheckpointError, match=r"old\.ckpt': not a Lightning checkpoint: no 'pytorch-lightning_version'"):
+    with pytest.raises(
+        CheckpointError, match=r"old\.ckpt': not a Lightning checkpoint: no 'pytorch-lightning_version'"
+    ):
         check_ckpt_path(tmp_path / "old.ckpt")
     torch.save([1, 2], tmp_path / "list.ckpt")
     with pytest.raises(CheckpointError, match=r"list\.ckpt': holds a list, not a Lightning checkpoint"):
@@ -116,10 +127,13 @@ def test_ckpt_path_error_is_one_line_on_the_command_line(tmp_path, monkeypatch, 
 # ----- model_name_or_path ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/no/such/dir", "./no/such/dir", "../no-such-dir", "~/no-such-dir-gcpo",
-                                  "runs/a/b", "C:\\models\\x"])
+@pytest.mark.parametrize(
+    "path", ["/no/such/dir", "./no/such/dir", "../no-such-dir", "~/no-such-dir-gcpo", "runs/a/b", "C:\\models\\x"]
+)
 def test_missing_model_path_is_named(path, no_model_load):
-    message = rf"^model_name_or_path {re.escape(repr(path))}: no such folder \(and not a shipped model name: {SHIPPED}\)$"
+    message = (
+        rf"^model_name_or_path {re.escape(repr(path))}: no such folder \(and not a shipped model name: {SHIPPED}\)$"
+    )
     with pytest.raises(ModelPathError, match=message):
         check_model_path(path)
     with pytest.raises(ModelPathError, match="no such folder"):
@@ -144,9 +158,12 @@ def test_model_names_folders_and_hub_ids_pass_the_check(tmp_path, monkeypatch):
 
 def test_hub_id_offline_and_not_cached(monkeypatch, no_model_load):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelPathError, match=rf"^model_name_or_path 'nobody-gcpo/no-such-model': not a shipped model "
-                                             rf"name \({SHIPPED}\), not a local folder, and not in the Hugging Face "
-                                             r"cache while the Hub is offline"):
+    with pytest.raises(
+        ModelPathError,
+        match=rf"^model_name_or_path 'nobody-gcpo/no-such-model': not a shipped model "
+        rf"name \({SHIPPED}\), not a local folder, and not in the Hugging Face "
+        r"cache while the Hub is offline",
+    ):
         check_model_path("nobody-gcpo/no-such-model")
 
 
@@ -159,9 +176,12 @@ def test_hub_id_that_cannot_be_fetched_is_one_line(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", not_found)
-    with pytest.raises(ModelPathError, match=r"^tokenizer 'nobody-gcpo/x': not a shipped model name .*not loadable "
-                                             r"from the Hugging Face Hub or its cache: nobody-gcpo/x is not a local "
-                                             r"folder and is not a valid model identifier listed on the Hub$"):
+    with pytest.raises(
+        ModelPathError,
+        match=r"^tokenizer 'nobody-gcpo/x': not a shipped model name .*not loadable "
+        r"from the Hugging Face Hub or its cache: nobody-gcpo/x is not a local "
+        r"folder and is not a valid model identifier listed on the Hub$",
+    ):
         load_tokenizer("nobody-gcpo/x", setting="tokenizer")
 
 
@@ -171,9 +191,18 @@ def test_local_model_folder_still_loads(tiny_model_dir):
 
 def test_missing_model_path_from_the_command_line(tmp_path, no_model_load):
     with pytest.raises(ModelPathError, match=r"^model_name_or_path '/no/such/dir': no such folder"):
-        main(["fit", "--config", "configs/grpo.yaml", f"{MODEL_OPTION}=/no/such/dir",
-              "--data.init_args.num_train=16", "--data.init_args.num_val=4", "--trainer.enable_progress_bar=false",
-              f"--trainer.logger.init_args.save_dir={tmp_path}"])
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/grpo.yaml",
+                f"{MODEL_OPTION}=/no/such/dir",
+                "--data.init_args.num_train=16",
+                "--data.init_args.num_val=4",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+            ]
+        )
 
 
 # ----- data files ------------------------------------------------------------------------------------------------
@@ -201,8 +230,9 @@ def test_malformed_data_files_and_val_data_files(tmp_path):
     good = write_lines(tmp_path / "good.jsonl", GOOD)
     bad = write_lines(tmp_path / "val.jsonl", [GOOD[0], BROKEN])
     with pytest.raises(DataError, match=r"train_bad\.jsonl line 2: not valid JSON"):
-        HFPromptDataModule(path="json", data_files=write_lines(tmp_path / "train_bad.jsonl", [GOOD[0], BROKEN]),
-                           val_size=1).setup("fit")
+        HFPromptDataModule(
+            path="json", data_files=write_lines(tmp_path / "train_bad.jsonl", [GOOD[0], BROKEN]), val_size=1
+        ).setup("fit")
     with pytest.raises(DataError, match=r"val\.jsonl line 2: not valid JSON"):
         HFPromptDataModule(path="json", data_files=good, val_data_files=bad).setup("fit")
     with pytest.raises(DataError, match=r"val\.jsonl line 2: not valid JSON"):  # every split is built, not just one
@@ -249,6 +279,15 @@ def test_good_files_still_load(tmp_path):
 def test_malformed_data_from_the_command_line(tmp_path, no_model_load):
     bad = write_lines(tmp_path / "cli.jsonl", [GOOD[0], GOOD[1], BROKEN])
     with pytest.raises(DataError, match=r"cli\.jsonl line 3: not valid JSON"):
-        main(["fit", "--config", "configs/grpo.yaml", "--data=gcpo_lightning.data.HFPromptDataModule",
-              f"--data.path={bad}", "--data.val_size=1", "--trainer.enable_progress_bar=false",
-              f"--trainer.logger.init_args.save_dir={tmp_path}"])
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/grpo.yaml",
+                "--data=gcpo_lightning.data.HFPromptDataModule",
+                f"--data.path={bad}",
+                "--data.val_size=1",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+            ]
+        )

@@ -117,8 +117,15 @@ def test_disabled_adapter_reference_in_the_kl(base_and_lora: tuple[Any, Any], ti
     train_steps(policy)
     policy.train()
     prompt, pmask, completion, cmask = batch()
-    rollout = Rollout(prompts=["q"], completions=[""] * 4, prompt_ids=prompt, prompt_mask=pmask,
-                      completion_ids=completion, completion_mask=cmask, group_size=4)
+    rollout = Rollout(
+        prompts=["q"],
+        completions=[""] * 4,
+        prompt_ids=prompt,
+        prompt_mask=pmask,
+        completion_ids=completion,
+        completion_mask=cmask,
+        group_size=4,
+    )
     reference = DisabledAdapterReference(policy).eval().to("cpu").requires_grad_(False)
     models = PolicyModels(policy=policy, tokenizer=None, reference=reference)
     policy.train()
@@ -129,8 +136,7 @@ def test_disabled_adapter_reference_in_the_kl(base_and_lora: tuple[Any, Any], ti
         DisabledAdapterReference(base)
 
 
-def test_merged_export_loads_and_matches(base_and_lora: tuple[Any, Any], tiny_model_dir: Path,
-                                         tmp_path: Path) -> None:
+def test_merged_export_loads_and_matches(base_and_lora: tuple[Any, Any], tiny_model_dir: Path, tmp_path: Path) -> None:
     _, policy = base_and_lora
     train_steps(policy)
     out = export_merged(policy, load_tokenizer(str(tiny_model_dir)), tmp_path / "merged")

@@ -52,6 +52,12 @@ def test_shared_prefix_equals_separate_passes(tiny_model_dir, attn):
     packed = shared_prefix_logps(model, contexts, completions, temperature=0.7)
     for ctxs, y, got in zip(contexts, completions, packed):
         for m, ctx in enumerate(ctxs):
-            ref = score_completions(model, torch.tensor([ctx]), torch.ones(1, len(ctx), dtype=torch.long),
-                                    torch.tensor([y]), torch.ones(1, len(y), dtype=torch.long), temperature=0.7).logps
+            ref = score_completions(
+                model,
+                torch.tensor([ctx]),
+                torch.ones(1, len(ctx), dtype=torch.long),
+                torch.tensor([y]),
+                torch.ones(1, len(y), dtype=torch.long),
+                temperature=0.7,
+            ).logps
             torch.testing.assert_close(got[m], ref[0], atol=1e-5, rtol=1e-5)

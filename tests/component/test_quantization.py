@@ -65,12 +65,15 @@ def test_config_maps_onto_bitsandbytes_config() -> None:
     assert QuantizationConfig().to_bnb().llm_int8_skip_modules == ["lm_head"]
 
 
-@pytest.mark.parametrize(("kwargs", "model_kwargs", "match"), [
-    ({"quant_type": "int4"}, None, "quant_type must be one of"),
-    ({"compute_dtype": "float8"}, None, "compute_dtype must be one of"),
-    ({}, {"load_in_8bit": True}, r"must not set \['load_in_8bit'\]"),
-    ({}, {"device_map": {"": "disk"}}, "offloaded to disk"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "model_kwargs", "match"),
+    [
+        ({"quant_type": "int4"}, None, "quant_type must be one of"),
+        ({"compute_dtype": "float8"}, None, "compute_dtype must be one of"),
+        ({}, {"load_in_8bit": True}, r"must not set \['load_in_8bit'\]"),
+        ({}, {"device_map": {"": "disk"}}, "offloaded to disk"),
+    ],
+)
 def test_invalid_settings_fail_before_loading(kwargs: dict, model_kwargs: dict | None, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         validate_quantized_load(QuantizationConfig(**kwargs), model_kwargs)
@@ -83,8 +86,9 @@ def test_unknown_yaml_key_is_named() -> None:
 
 def test_missing_bitsandbytes_is_a_clear_import_error(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     with pytest.raises(ImportError, match="pip install 'bitsandbytes"):
         require_bitsandbytes()
 
@@ -103,10 +107,13 @@ def test_linear_layers_are_4bit_and_lm_head_is_kept(full_and_4bit: tuple[Any, An
 def test_memory_is_smaller(full_and_4bit: tuple[Any, Any]) -> None:
     full, quant = full_and_4bit
     full_bytes, quant_bytes = model_memory_bytes(full), model_memory_bytes(quant)
-    linear_params = sum(m.weight.numel() for m in full.modules()
-                        if isinstance(m, torch.nn.Linear) and m is not full.lm_head)
-    print(f"\nfp32 {full_bytes} B, nf4 {quant_bytes} B ({quant_bytes / full_bytes:.3f}x); "
-          f"{linear_params} quantized weights: {4 * linear_params} B -> {linear_params // 2} B packed + scales")
+    linear_params = sum(
+        m.weight.numel() for m in full.modules() if isinstance(m, torch.nn.Linear) and m is not full.lm_head
+    )
+    print(
+        f"\nfp32 {full_bytes} B, nf4 {quant_bytes} B ({quant_bytes / full_bytes:.3f}x); "
+        f"{linear_params} quantized weights: {4 * linear_params} B -> {linear_params // 2} B packed + scales"
+    )
     saved = full_bytes - quant_bytes
     # each quantized weight goes from 4 bytes to 0.5 byte plus ~1/64 byte of (double-quantized) scales
     assert 3.4 * linear_params < saved < 3.5 * linear_params

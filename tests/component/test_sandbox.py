@@ -132,9 +132,7 @@ def test_crash_is_killed(roots: tuple[Path, Path]) -> None:
     ],
 )
 @pytest.mark.parametrize("isolation", ["jail", "unsafe-guard-only"])
-def test_forbidden_calls_leave_the_outside_untouched(
-    roots: tuple[Path, Path], program: str, isolation: str
-) -> None:
+def test_forbidden_calls_leave_the_outside_untouched(roots: tuple[Path, Path], program: str, isolation: str) -> None:
     """The guard refuses these calls (``forbidden``); the jail lets them fail or do nothing outside it."""
     sandbox_root, outside = roots
     target, existing = outside / "written.txt", outside / "keep.txt"

@@ -319,7 +319,8 @@ def test_fork_bomb_is_bounded_by_the_cgroup() -> None:
     name = "gcpo-" + secrets.token_hex(5)
     code = (
         f"import ctypes, os\nctypes.CDLL(None).prctl(15, ctypes.c_char_p({name!r}.encode()), 0, 0, 0)\n"
-        "n = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            import time\n            time.sleep(60)\n"
+        "n = 0\ntry:\n    while True:\n        if os.fork() == 0:\n"
+        "            import time\n            time.sleep(60)\n"
         "        n += 1\nexcept OSError:\n    pass\n"
         "def add(a, b):\n    assert n > 1000, n\n    return a + b\n"
     )

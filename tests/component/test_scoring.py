@@ -50,10 +50,19 @@ def test_old_logps_match_generation_scores(tiny_model_dir):
     prompts = ["Problem: 1+2\nSolution:", "Problem: 3+4+5-6\nSolution:"]  # different lengths -> left padding
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(0)
-    out = model.generate(**enc, max_new_tokens=6, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
-                         output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)
-    completion = out.sequences[:, enc["input_ids"].shape[1]:]  # [2, T]
+    out = model.generate(
+        **enc,
+        max_new_tokens=6,
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    completion = out.sequences[:, enc["input_ids"].shape[1] :]  # [2, T]
     gen_logps = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
     mask, _ = completion_mask_from_eos(completion, [tok.eos_token_id])
     scores = score_completions(model, enc["input_ids"], enc["attention_mask"], completion, mask, temperature=0.7)
@@ -69,7 +78,9 @@ def test_sampler_shapes_and_groups(tiny_model_dir):
     assert rollout.hidden.shape == (8, model.config.hidden_size)
     assert len(rollout.completions) == 8 and rollout.group_size == 4
     # group-major: completions 0..3 share prompt 0
-    assert torch.equal(rollout.prompt_ids[0], rollout.prompt_ids[3]) and not torch.equal(rollout.prompt_ids[3], rollout.prompt_ids[4])
+    assert torch.equal(rollout.prompt_ids[0], rollout.prompt_ids[3]) and not torch.equal(
+        rollout.prompt_ids[3], rollout.prompt_ids[4]
+    )
     assert model.training, "the sampler restores train mode"
     assert set(rollout.metrics) == {"timing/generation", "timing/scoring"}
 

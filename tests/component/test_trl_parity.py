@@ -4,8 +4,9 @@ What is compared:
 
 * the loss and the gradient of every model parameter: TRL's ``GRPOTrainer._compute_loss(model, inputs)`` on a
   hand-made batch against :func:`gcpo_lightning.functional.losses.policy_loss` fed with log-probs from
-  :func:`gcpo_lightning.components.scoring.logprobs.score_completions` and the penalty of :class:`gcpo_lightning.components.penalties.reference_kl.ReferenceKL`,
-  for ``loss_type`` in grpo / dapo / dr_grpo, ``beta`` in 0 / 0.04, with ``epsilon_high != epsilon`` in two of
+  :func:`gcpo_lightning.components.scoring.logprobs.score_completions` and the penalty of
+  :class:`gcpo_lightning.components.penalties.reference_kl.ReferenceKL`, for ``loss_type`` in grpo / dapo / dr_grpo,
+  ``beta`` in 0 / 0.04, with ``epsilon_high != epsilon`` in two of
   the three loss types and old log-probs far enough from the current ones that both clip sides are active;
 * the advantages: TRL computes them inline in ``_generate_and_score_completions`` (there is no function to call
   in isolation), so that whole method is run on the tiny model with a reward function returning fixed values,
@@ -75,16 +76,33 @@ def make_trainer(model_dir: Path, out: Path, **config):
     tok = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir))
     settings = dict(
-        output_dir=str(out), use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1,
-        num_generations=G, per_device_train_batch_size=N, gradient_accumulation_steps=1,
-        max_completion_length=T, temperature=TEMPERATURE, epsilon=EPSILON, num_iterations=1, seed=0,
-        use_bias_correction_kl=False, gradient_checkpointing=False,
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        num_generations=G,
+        per_device_train_batch_size=N,
+        gradient_accumulation_steps=1,
+        max_completion_length=T,
+        temperature=TEMPERATURE,
+        epsilon=EPSILON,
+        num_iterations=1,
+        seed=0,
+        use_bias_correction_kl=False,
+        gradient_checkpointing=False,
     )
     settings.update(config)
     args = trl.GRPOConfig(**settings)
     rows = [{"prompt": f"Problem: {i}+{i + 1}\nSolution:"} for i in range(N)]
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=args,
-                              train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tok,
+    )
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop; _compute_loss divides by it
     trainer.model.train()
     return trainer
@@ -99,8 +117,9 @@ def hand_made_batch(pad_id: int) -> dict[str, torch.Tensor]:
     completion_mask = (torch.arange(T)[None] < completion_len[:, None]).long()  # [N, T] right padding
     prompt_ids = torch.randint(4, 100, (N, P), generator=g).masked_fill(prompt_mask == 0, pad_id)
     completion_ids = torch.randint(4, 100, (N, T), generator=g).masked_fill(completion_mask == 0, pad_id)
-    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                completion_mask=completion_mask)
+    return dict(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=completion_mask
+    )
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -160,8 +179,9 @@ def both_losses(trainer, loss_type: str, beta: float, eps_high: float, ratio_wei
     per_token_penalty = penalty.per_token
     if ratio_weighted_penalty:
         per_token_penalty = per_token_penalty * torch.exp(scores.logps - old)
-    loss, ratio = policy_loss(scores.logps, old, advantages, mask.float(), per_token_penalty, EPSILON, eps_high,
-                              LOSS_TYPES[loss_type], T)
+    loss, ratio = policy_loss(
+        scores.logps, old, advantages, mask.float(), per_token_penalty, EPSILON, eps_high, LOSS_TYPES[loss_type], T
+    )
     loss.backward()
     clips = clip_fractions(ratio.detach(), advantages, mask.float(), EPSILON, eps_high)
     return trl_loss, trl_grads, loss, grads(model), clips, penalty
@@ -194,8 +214,9 @@ def test_trl_default_bias_corrected_kl_is_ratio_times_ours(model_dir: Path, tmp_
 
     Without that factor (our :class:`ReferenceKL` as is) the gradients differ well beyond rounding.
     """
-    trainer = make_trainer(model_dir, tmp_path, loss_type="grpo", beta=0.04, epsilon_high=0.28,
-                           use_bias_correction_kl=True)
+    trainer = make_trainer(
+        model_dir, tmp_path, loss_type="grpo", beta=0.04, epsilon_high=0.28, use_bias_correction_kl=True
+    )
     trl_loss, trl_grads, loss, our_grads, _, _ = both_losses(trainer, "grpo", 0.04, 0.28, ratio_weighted_penalty=True)
     assert_same(trl_loss, trl_grads, loss, our_grads)
     _, trl_grads, _, plain_grads, *_ = both_losses(trainer, "grpo", 0.04, 0.28)  # our ReferenceKL as is
@@ -221,19 +242,30 @@ def test_scores_match_generate(model_dir: Path) -> None:
     """Our log-probs are the temperature-scaled log-softmax of the logits ``generate`` used, with left padding."""
     tok = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir)).eval()
-    enc = tok(["Problem: 12+3-4\nSolution:", "Problem: 5\nSolution:", "1+1="], return_tensors="pt", padding=True,
-              add_special_tokens=False)
+    enc = tok(
+        ["Problem: 12+3-4\nSolution:", "Problem: 5\nSolution:", "1+1="],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     assert (enc["attention_mask"] == 0).any()  # really left-padded
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=T, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
-    completion_ids = out.sequences[:, enc["input_ids"].shape[1]:]  # [n, T]
+        out = model.generate(
+            **enc,
+            max_new_tokens=T,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tok.pad_token_id,
+        )
+    completion_ids = out.sequences[:, enc["input_ids"].shape[1] :]  # [n, T]
     completion_mask, _ = completion_mask_from_eos(completion_ids, eos_ids(tok))
     logits = torch.stack(out.logits, dim=1) / TEMPERATURE  # [n, T, V] raw logits of each step
     expected = logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
-        scores: Scores = score_completions(model, enc["input_ids"], enc["attention_mask"], completion_ids,
-                                           completion_mask, temperature=TEMPERATURE)
+        scores: Scores = score_completions(
+            model, enc["input_ids"], enc["attention_mask"], completion_ids, completion_mask, temperature=TEMPERATURE
+        )
     mask = completion_mask.bool()
     assert (scores.logps - expected)[mask].abs().max() < 1e-5
 
@@ -257,13 +289,26 @@ def test_advantages_match_trl(model_dir: Path, tmp_path: Path, scale_rewards: st
 # ----- math accuracy: our MathAccuracy against TRL's accuracy_reward (both on math-verify) --------------------------
 
 MATH_PARITY_CASES = [  # (completion, gold answer): one boxed answer each, right and wrong ones
-    (r"The answer is \boxed{\frac{1}{2}}", "0.5"), (r"so \boxed{0.5}", r"\frac{1}{2}"),
-    (r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}"), (r"\boxed{\sqrt{2}}", r"\sqrt{2}"), (r"\boxed{2^{1/2}}", r"\sqrt{2}"),
-    (r"\boxed{-7}", "-7"), (r"\boxed{7}", "-7"), (r"\boxed{2\pi}", r"2\pi"), (r"\boxed{6.28}", r"2\pi"),
-    (r"\boxed{1,000}", "1000"), (r"\boxed{0.33}", r"\frac{1}{3}"), (r"\boxed{12}", "1.2"),
-    (r"\boxed{x^2+2x+1}", r"(x+1)^2"), (r"\boxed{(1,2)}", r"(1,2)"), (r"\boxed{5\text{ cm}}", "5"),
-    (r"\boxed{\frac{10}{4}}", r"\frac{5}{2}"), (r"no box here, 42", "42"), (r"\boxed{3}", r"\frac{6}{2}"),
-    (r"\boxed{\{1,2\}}", r"\{2,1\}"), (r"\boxed{4}", "4.0"),
+    (r"The answer is \boxed{\frac{1}{2}}", "0.5"),
+    (r"so \boxed{0.5}", r"\frac{1}{2}"),
+    (r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}"),
+    (r"\boxed{\sqrt{2}}", r"\sqrt{2}"),
+    (r"\boxed{2^{1/2}}", r"\sqrt{2}"),
+    (r"\boxed{-7}", "-7"),
+    (r"\boxed{7}", "-7"),
+    (r"\boxed{2\pi}", r"2\pi"),
+    (r"\boxed{6.28}", r"2\pi"),
+    (r"\boxed{1,000}", "1000"),
+    (r"\boxed{0.33}", r"\frac{1}{3}"),
+    (r"\boxed{12}", "1.2"),
+    (r"\boxed{x^2+2x+1}", r"(x+1)^2"),
+    (r"\boxed{(1,2)}", r"(1,2)"),
+    (r"\boxed{5\text{ cm}}", "5"),
+    (r"\boxed{\frac{10}{4}}", r"\frac{5}{2}"),
+    (r"no box here, 42", "42"),
+    (r"\boxed{3}", r"\frac{6}{2}"),
+    (r"\boxed{\{1,2\}}", r"\{2,1\}"),
+    (r"\boxed{4}", "4.0"),
 ]
 
 

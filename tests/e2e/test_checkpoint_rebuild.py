@@ -25,8 +25,9 @@ CONFIGS = sorted(Path("configs").glob("*.yaml"))
 
 def hparams_checkpoint(module: GCPOModule, path: Path) -> Path:
     """A checkpoint file holding the module's hyperparameters and no weights (nothing is loaded to save it)."""
-    torch.save({"state_dict": {}, "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": L.__version__},
-               path)
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": dict(module.hparams), "pytorch-lightning_version": L.__version__}, path
+    )
     return path
 
 
@@ -39,8 +40,16 @@ def test_every_shipped_config_rebuilds_its_components(config: Path, tmp_path: Pa
     # load_from_checkpoint builds the models (configure_model); the paper configs' models are not on this machine,
     # and the components, not the weights, are under test here
     monkeypatch.setattr(PolicyBuilder, "build", lambda self, *a, **k: BuiltModels(torch.nn.Linear(1, 1), None, None))
-    cli = main(["--config", str(config), "--trainer.accelerator=cpu", "--trainer.precision=32-true",
-                f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = main(
+        [
+            "--config",
+            str(config),
+            "--trainer.accelerator=cpu",
+            "--trainer.precision=32-true",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
     trained = cli.model
     loaded = GCPOModule.load_from_checkpoint(hparams_checkpoint(trained, tmp_path / "h.ckpt"), strict=False)
     for name in COMPONENTS:
@@ -51,12 +60,27 @@ def test_every_shipped_config_rebuilds_its_components(config: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_a_trained_gcpo_checkpoint_loads_as_gcpo_with_its_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
-    main(["fit", "--config", "configs/gcpo.yaml", f"--model.policy_builder.model_name_or_path={tiny_model_dir}",
-          "--model.num_generations=2", "--model.micro_batch_size=null", "--model.sampler.init_args.max_completion_length=6",
-          "--model.graph_builder.init_args.num_integrated=2", "--model.kl.init_args.kappa=0.05",
-          "--data.init_args.num_val=2", "--data.init_args.batch_size=2", "--data.init_args.num_train=8",
-          "--trainer.max_steps=1", "--trainer.val_check_interval=1", "--trainer.enable_progress_bar=false",
-          f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"])
+    main(
+        [
+            "fit",
+            "--config",
+            "configs/gcpo.yaml",
+            f"--model.policy_builder.model_name_or_path={tiny_model_dir}",
+            "--model.num_generations=2",
+            "--model.micro_batch_size=null",
+            "--model.sampler.init_args.max_completion_length=6",
+            "--model.graph_builder.init_args.num_integrated=2",
+            "--model.kl.init_args.kappa=0.05",
+            "--data.init_args.num_val=2",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.num_train=8",
+            "--trainer.max_steps=1",
+            "--trainer.val_check_interval=1",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     ckpt = max(tmp_path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)  # saved after the only step
     module = GCPOModule.load_from_checkpoint(ckpt)
     assert isinstance(module.adjuster, CausalAdvantage) and module.adjuster.alpha == 2.0

@@ -66,15 +66,26 @@ def test_every_overlay_composes_with_the_default(overlay):
 
 def test_swap_component_in_yaml(tmp_path):
     overlay = tmp_path / "overlay.yaml"
-    overlay.write_text(yaml.safe_dump({"model": {"adjuster": {"class_path": "custom_components.ScaledAdvantage",
-                                                              "init_args": {"scale": 3.0}}}}))
+    overlay.write_text(
+        yaml.safe_dump(
+            {"model": {"adjuster": {"class_path": "custom_components.ScaledAdvantage", "init_args": {"scale": 3.0}}}}
+        )
+    )
     cli = main(["--config", "configs/grpo.yaml", "--config", str(overlay)], run=False)
     assert type(cli.model.adjuster).__name__ == "ScaledAdvantage" and cli.model.adjuster.scale == 3.0
 
 
 def test_swap_component_on_command_line():
-    cli = main(["--config", "configs/grpo.yaml", "--model.adjuster=custom_components.ScaledAdvantage",
-                "--model.adjuster.scale=0.5", "--model.reward_funcs=[custom_components.length_reward]"], run=False)
+    cli = main(
+        [
+            "--config",
+            "configs/grpo.yaml",
+            "--model.adjuster=custom_components.ScaledAdvantage",
+            "--model.adjuster.scale=0.5",
+            "--model.reward_funcs=[custom_components.length_reward]",
+        ],
+        run=False,
+    )
     assert cli.model.adjuster.scale == 0.5
     assert cli.model.reward_funcs[0].__name__ == "length_reward"
 
@@ -112,10 +123,18 @@ def test_bad_setting_from_yaml_names_it(capsys):
 
 @pytest.mark.slow
 def test_fit_then_validate_from_the_command_line(tiny_model_dir, tmp_path):
-    common = ["--config", "configs/grpo.yaml", f"--model.policy_builder.model_name_or_path={tiny_model_dir}",
-              "--model.num_generations=2", "--model.sampler.init_args.max_completion_length=6",
-              "--data.init_args.num_val=4", "--data.init_args.batch_size=2", "--data.init_args.num_train=16",
-              "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    common = [
+        "--config",
+        "configs/grpo.yaml",
+        f"--model.policy_builder.model_name_or_path={tiny_model_dir}",
+        "--model.num_generations=2",
+        "--model.sampler.init_args.max_completion_length=6",
+        "--data.init_args.num_val=4",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_train=16",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
     main(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
     ckpt = next(tmp_path.rglob("*.ckpt"))
     cli = main(["validate", *common, f"--ckpt_path={ckpt}"])

@@ -25,8 +25,9 @@ def runs(run_fit, tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fsdp")
     full = run_fit(tiny_model_dir, root / "full", "--max-steps", "4")
     first = run_fit(tiny_model_dir, root / "first", "--max-steps", "2", "--save-at", "2")
-    resumed = run_fit(tiny_model_dir, root / "resumed", "--max-steps", "4",
-                      "--resume", str(first / "ckpt" / "step=2.ckpt"))
+    resumed = run_fit(
+        tiny_model_dir, root / "resumed", "--max-steps", "4", "--resume", str(first / "ckpt" / "step=2.ckpt")
+    )
     return {"full": full, "first": first, "resumed": resumed}
 
 
@@ -55,8 +56,11 @@ def test_rewards_are_gathered_and_groups_stay_on_their_rank(runs):
     for rank in ranks:
         assert torch.equal(rank["batch_rewards"], everything)
     # the advantages (scale_rewards="batch") equal one process computing over both ranks' groups at once
-    graph = CausalGraph(group_size=4, representations=torch.cat([r["z"] for r in ranks]),
-                        context_representations=torch.cat([r["context_z"] for r in ranks]))
+    graph = CausalGraph(
+        group_size=4,
+        representations=torch.cat([r["z"] for r in ranks]),
+        context_representations=torch.cat([r["context_z"] for r in ranks]),
+    )
     rollout = type("R", (), {"group_size": 4})()
     joint = CausalAdvantage(alpha=2.0, scale_rewards="batch").adjust(everything, rollout, graph).values
     torch.testing.assert_close(torch.cat([r["advantages"] for r in ranks]), joint)
@@ -85,8 +89,9 @@ def test_export_from_sharded_policy_loads_with_from_pretrained(runs):
 
 @pytest.mark.slow
 def test_fsdp2_with_a_4bit_reference_and_bf16_all_gathers(run_fit, fit_metrics, tiny_model_dir, tmp_path):
-    out = run_fit(tiny_model_dir, tmp_path / "q4", "--max-steps", "2", "--reference-4bit",
-                  "--fsdp-param-dtype", "bfloat16")
+    out = run_fit(
+        tiny_model_dir, tmp_path / "q4", "--max-steps", "2", "--reference-4bit", "--fsdp-param-dtype", "bfloat16"
+    )
     summary = fit_metrics(out)
     assert summary["sharded"] and summary["reference_4bit"]
     assert all(r["kl"] >= 0 for r in summary["rows"]) and summary["rows"][-1]["kl"] > 0
@@ -107,18 +112,24 @@ def test_fsdp2_with_lora_trains_adapters_and_exports_merged(run_fit, fit_metrics
     assert changed and all("proj" in k for k in changed)  # only the adapted projections differ from the base
 
 
-@pytest.mark.parametrize(("strategy", "message"), [
-    ("ddp", "DDPStrategy is not supported; use lightning.pytorch.strategies.ModelParallelStrategy"),
-    ("tp", "needs tensor_parallel_size=1"),
-])
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ("ddp", "DDPStrategy is not supported; use lightning.pytorch.strategies.ModelParallelStrategy"),
+        ("tp", "needs tensor_parallel_size=1"),
+    ],
+)
 def test_unsupported_strategies_are_refused_before_loading(strategy, message):
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     from gcpo_lightning.training.distributed import check_strategy
 
     cpus = [torch.device("cpu")] * 2
-    made = (DDPStrategy(parallel_devices=cpus) if strategy == "ddp"
-            else ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
+    made = (
+        DDPStrategy(parallel_devices=cpus)
+        if strategy == "ddp"
+        else ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    )
     made.parallel_devices = cpus
     with pytest.raises(ValueError, match=message):
         check_strategy(made)
@@ -136,9 +147,15 @@ def _token_mean_step(model_dir: str, rollout, advantages: torch.Tensor) -> dict[
     from gcpo_lightning.policy.builder import PolicyBuilder
     from gcpo_lightning.training.update import optimisation_step
 
-    module = GCPOModule(policy_builder=PolicyBuilder(model_dir), reward_funcs=[lambda completions, **_: [0.0]],
-                        sampler=GroupSampler(max_completion_length=8), kl=ReferenceKL(beta=0.0), loss=TokenMean(),
-                        num_generations=2, max_grad_norm=None)
+    module = GCPOModule(
+        policy_builder=PolicyBuilder(model_dir),
+        reward_funcs=[lambda completions, **_: [0.0]],
+        sampler=GroupSampler(max_completion_length=8),
+        kl=ReferenceKL(beta=0.0),
+        loss=TokenMean(),
+        num_generations=2,
+        max_grad_norm=None,
+    )
     module.configure_model()
     applied: dict[str, torch.Tensor] = {}
 

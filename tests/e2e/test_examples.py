@@ -57,8 +57,22 @@ def changed_parameters(model_dir: Path, policy: torch.nn.Module) -> list[str]:
     ],
 )
 def test_plain_python(examples, tiny_model_dir, tmp_path, capsys, method, extra, expected):
-    argv = ["--method", method, "--model", str(tiny_model_dir), "--log-dir", str(tmp_path), "--num-generations", "4",
-            "--num-val", "4", "--weight-decay", "0", *SMALL, *extra]
+    argv = [
+        "--method",
+        method,
+        "--model",
+        str(tiny_model_dir),
+        "--log-dir",
+        str(tmp_path),
+        "--num-generations",
+        "4",
+        "--num-val",
+        "4",
+        "--weight-decay",
+        "0",
+        *SMALL,
+        *extra,
+    ]
     result = example("plain_python").main(argv)
     assert changed_parameters(tiny_model_dir, result.module.policy), "no parameter changed"
     rows = metric_rows(result.log_dir)
@@ -75,14 +89,40 @@ def test_plain_python(examples, tiny_model_dir, tmp_path, capsys, method, extra,
 def test_custom_reward_through_the_cli(examples, tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(EXAMPLES), os.environ.get("PYTHONPATH")]))}
     command = [
-        sys.executable, "-m", "gcpo_lightning", "fit",
-        "--config", str(REPO / "configs/grpo.yaml"), "--config", str(EXAMPLES / "custom_reward.yaml"),
-        "--model.policy_builder.model_name_or_path", str(tiny_model_dir), "--model.num_generations", "2",
-        "--model.sampler.init_args.max_completion_length", "8", "--model.log_completions_every_n_steps", "1",
-        "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.enable_checkpointing", "false",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--data.init_args.num_train", "64", "--data.init_args.num_val", "4", "--data.init_args.batch_size", "2",
+        sys.executable,
+        "-m",
+        "gcpo_lightning",
+        "fit",
+        "--config",
+        str(REPO / "configs/grpo.yaml"),
+        "--config",
+        str(EXAMPLES / "custom_reward.yaml"),
+        "--model.policy_builder.model_name_or_path",
+        str(tiny_model_dir),
+        "--model.num_generations",
+        "2",
+        "--model.sampler.init_args.max_completion_length",
+        "8",
+        "--model.log_completions_every_n_steps",
+        "1",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.val_check_interval",
+        "1",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--data.init_args.num_train",
+        "64",
+        "--data.init_args.num_val",
+        "4",
+        "--data.init_args.batch_size",
+        "2",
     ]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -102,8 +142,19 @@ def test_custom_reward_through_the_cli(examples, tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("adjuster", ["group", "causal"])
 def test_custom_module(examples, tiny_model_dir, tmp_path, adjuster):
-    argv = ["--model", str(tiny_model_dir), "--log-dir", str(tmp_path), "--adjuster", adjuster,
-            "--extra-reward", "my_rewards.brevity_reward", "--num-val", "4", *SMALL]
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--log-dir",
+        str(tmp_path),
+        "--adjuster",
+        adjuster,
+        "--extra-reward",
+        "my_rewards.brevity_reward",
+        "--num-val",
+        "4",
+        *SMALL,
+    ]
     result = example("custom_module").main(argv)
     assert changed_parameters(tiny_model_dir, result.module.policy), "no parameter changed"
     rows = metric_rows(result.log_dir)

@@ -31,14 +31,29 @@ def test_gcpo_fits_end_to_end(make_module, fit, logged_rows, tiny_model_dir, tmp
     from gcpo_lightning.policy.loading import load_causal_lm
 
     before = load_causal_lm(str(tiny_model_dir)).state_dict()
-    module = make_module(tiny_model_dir, graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=2),
-                         adjuster=CausalAdvantage(), kl=CausalProjectedKL(policy_context=policy_context),
-                         num_generations=3, mini_batch_size=3)
+    module = make_module(
+        tiny_model_dir,
+        graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=2),
+        adjuster=CausalAdvantage(),
+        kl=CausalProjectedKL(policy_context=policy_context),
+        num_generations=3,
+        mini_batch_size=3,
+    )
     trainer = fit(module, tmp_path, steps=2)
     after = module.policy.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     logged = {k for row in logged_rows(trainer) for k, v in row.items() if v != ""}
-    expected = {"causal_kl", "causal_clamped_frac", "causal_weight/mean", "causal_weight/min", "causal_weight/max",
-                "causal_weight/frac_negative", "kl", "timing/integration", "timing/context_generation",
-                "timing/context_representation", "loss"}
+    expected = {
+        "causal_kl",
+        "causal_clamped_frac",
+        "causal_weight/mean",
+        "causal_weight/min",
+        "causal_weight/max",
+        "causal_weight/frac_negative",
+        "kl",
+        "timing/integration",
+        "timing/context_generation",
+        "timing/context_representation",
+        "loss",
+    }
     assert expected <= logged, expected - logged

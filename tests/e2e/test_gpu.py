@@ -17,8 +17,17 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def fit_on_gpu(module, **trainer_kwargs) -> L.Trainer:
     module.log_completions_every_n_steps = 0
-    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
     trainer.fit(module, ArithmeticDataModule(batch_size=2, num_train=16, num_val=2))
     return trainer
 
@@ -39,8 +48,9 @@ def test_4bit_reference_on_cuda(make_module, tiny_model_dir):
 def test_fsdp2_on_one_gpu(make_module, tiny_model_dir):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    module = make_module(tiny_model_dir, fsdp_param_dtype="bfloat16",
-                         reference_quantization=QuantizationConfig(compute_dtype="bfloat16"))
+    module = make_module(
+        tiny_model_dir, fsdp_param_dtype="bfloat16", reference_quantization=QuantizationConfig(compute_dtype="bfloat16")
+    )
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
     trainer = fit_on_gpu(module, strategy=strategy)
     assert any(type(p).__name__ == "DTensor" for p in module.policy.parameters())

@@ -14,10 +14,29 @@ from gcpo_lightning.policy.loading import load_causal_lm
 from gcpo_lightning.rewards.base import RewardError
 
 EXPECTED_METRICS = {
-    "reward", "accuracy", "reward_std", "frac_reward_zero_std", "loss", "kl", "entropy", "grad_norm",
-    "advantages/mean", "advantages/std", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-    "completions/mean_length", "completions/max_length", "completions/clipped_ratio", "rewards/length_reward/mean",
-    "timing/generation", "timing/scoring", "timing/rewards", "timing/reference", "timing/update", "val/accuracy",
+    "reward",
+    "accuracy",
+    "reward_std",
+    "frac_reward_zero_std",
+    "loss",
+    "kl",
+    "entropy",
+    "grad_norm",
+    "advantages/mean",
+    "advantages/std",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "clip_ratio/region_mean",
+    "completions/mean_length",
+    "completions/max_length",
+    "completions/clipped_ratio",
+    "rewards/length_reward/mean",
+    "timing/generation",
+    "timing/scoring",
+    "timing/rewards",
+    "timing/reference",
+    "timing/update",
+    "val/accuracy",
 }
 
 
@@ -74,7 +93,9 @@ def test_non_finite_loss_is_skipped_and_counted(make_module, fit, logged_rows, t
 
 
 def test_too_many_consecutive_skips_stop_training(make_module, fit, tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("gcpo_lightning.training.update.policy_loss", lambda *a, **k: (torch.tensor(float("nan")), None))
+    monkeypatch.setattr(
+        "gcpo_lightning.training.update.policy_loss", lambda *a, **k: (torch.tensor(float("nan")), None)
+    )
     module = make_module(tiny_model_dir, max_consecutive_skips=2)
     with pytest.raises(FloatingPointError, match="2 consecutive steps had a non-finite loss"):
         fit(module, tmp_path, steps=5)
@@ -107,9 +128,16 @@ def _no_model_load(*args, **kwargs):
     raise AssertionError("the model was loaded before the bad input was reported")
 
 
-@pytest.mark.parametrize(("fn", "message"), [(raising_reward, "'raising_reward' raised KeyError"),
-                                              (short_reward, "'short_reward' returned 1 values for 2 completions")])
-def test_bad_reward_function_is_named_before_the_model_loads(make_module, fit, tiny_model_dir, tmp_path, fn, message, monkeypatch):
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        (raising_reward, "'raising_reward' raised KeyError"),
+        (short_reward, "'short_reward' returned 1 values for 2 completions"),
+    ],
+)
+def test_bad_reward_function_is_named_before_the_model_loads(
+    make_module, fit, tiny_model_dir, tmp_path, fn, message, monkeypatch
+):
     monkeypatch.setattr("gcpo_lightning.policy.builder.load_causal_lm", _no_model_load)
     module = make_module(tiny_model_dir, reward_funcs=[fn])
     with pytest.raises(RewardError, match=message):

@@ -30,8 +30,13 @@ def always_right_on_first_problem(completions, answer, **_):
 
 
 def test_validate_reports_sampled_metrics_and_writes_each_problem(make_module, tiny_model_dir, tmp_path):
-    module = make_module(tiny_model_dir, reward_funcs=[even_length], eval_num_samples=4, eval_pass_at=[1, 2, 4],
-                         eval_results_path=str(tmp_path / "eval" / "{stage}_{step}.jsonl"))
+    module = make_module(
+        tiny_model_dir,
+        reward_funcs=[even_length],
+        eval_num_samples=4,
+        eval_pass_at=[1, 2, 4],
+        eval_results_path=str(tmp_path / "eval" / "{stage}_{step}.jsonl"),
+    )
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     dm = ArithmeticDataModule(num_train=16, num_val=6, val_batch_size=4)
     metrics = trainer.validate(module, dm)[0]
@@ -75,10 +80,25 @@ def test_bad_eval_settings_fail_in_init(make_module, tiny_model_dir):
 
 
 def test_test_subcommand_from_the_command_line(tmp_path):
-    main(["test", "--config", "configs/grpo.yaml", "--trainer.logger", "false", "--trainer.default_root_dir",
-          str(tmp_path), "--trainer.enable_progress_bar",
-          "false", "--data.num_val", "4", "--model.eval_num_samples", "2",
-          "--model.eval_results_path", str(tmp_path / "{stage}.jsonl")])
+    main(
+        [
+            "test",
+            "--config",
+            "configs/grpo.yaml",
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.num_val",
+            "4",
+            "--model.eval_num_samples",
+            "2",
+            "--model.eval_results_path",
+            str(tmp_path / "{stage}.jsonl"),
+        ]
+    )
     lines = (tmp_path / "test.jsonl").read_text().splitlines()
     assert len(lines) == 4 and {"pass_at", "completions", "correct"} <= json.loads(lines[0]).keys()
 
@@ -90,12 +110,17 @@ def test_code_reward_trains_and_reports_sandbox_outcomes(make_module, fit, tiny_
     from gcpo_lightning.rewards.code import CodeExecution
 
     sample = str(files("gcpo_lightning") / "assets" / "samples" / "humaneval_sample.jsonl")
-    module = make_module(tiny_model_dir, reward_funcs=[CodeExecution(timeout_s=5.0, max_workers=2)],
-                         log_completions_every_n_steps=0)
+    module = make_module(
+        tiny_model_dir, reward_funcs=[CodeExecution(timeout_s=5.0, max_workers=2)], log_completions_every_n_steps=0
+    )
     dm = HFPromptDataModule(path=sample, preset="humaneval", val_size=2, batch_size=2, val_batch_size=2)
     trainer = fit(module, tmp_path, steps=1, dm=dm)
-    outcomes = {k: v for k, v in trainer.logged_metrics.items() if k.startswith("rewards/code_execution/")
-                and k.rsplit("/", 1)[-1] not in ("mean", "std")}
+    outcomes = {
+        k: v
+        for k, v in trainer.logged_metrics.items()
+        if k.startswith("rewards/code_execution/") and k.rsplit("/", 1)[-1] not in ("mean", "std")
+    }
     assert outcomes and sum(float(v) for v in outcomes.values()) == pytest.approx(1.0)
-    assert float(trainer.logged_metrics["rewards/code_execution/mean"]) == float(outcomes.get(
-        "rewards/code_execution/passed", 0.0))  # random code never passes; every outcome is a 0 with a reason
+    assert float(trainer.logged_metrics["rewards/code_execution/mean"]) == float(
+        outcomes.get("rewards/code_execution/passed", 0.0)
+    )  # random code never passes; every outcome is a 0 with a reason

@@ -81,9 +81,16 @@ def test_memory_options_leave_loss_and_gradients_unchanged(make_module, tiny_mod
 
 def test_bf16_mixed_step_on_cpu(make_module, tiny_model_dir, tmp_path):
     module = make_module(tiny_model_dir)
-    trainer = L.Trainer(max_steps=1, precision="bf16-mixed", logger=False, default_root_dir=tmp_path,
-                        enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=1,
+        precision="bf16-mixed",
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, ArithmeticDataModule(batch_size=2, num_train=16, num_val=2))
     assert torch.isfinite(trainer.logged_metrics["loss"])
     assert next(module.policy.parameters()).dtype == torch.float32  # autocast: weights stay fp32
@@ -93,9 +100,16 @@ def test_export_callback_writes_a_loadable_folder(make_module, tiny_model_dir, t
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     module = make_module(tiny_model_dir)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=[HFExport(dirpath=str(tmp_path / "hf"))])
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[HFExport(dirpath=str(tmp_path / "hf"))],
+    )
     trainer.fit(module, ArithmeticDataModule(batch_size=2, num_train=16, num_val=2))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     for name, value in module.policy.state_dict().items():
@@ -110,9 +124,14 @@ def test_chunked_logits_leave_a_gcpo_step_unchanged(make_module, fit, tiny_model
     results = []
     for chunk in (None, 2):
         L.seed_everything(0)
-        module = make_module(tiny_model_dir, graph_builder=ColliderGraphBuilder(num_integrated=2),
-                             adjuster=CausalAdvantage(), kl=CausalProjectedKL(policy_context="context"),
-                             logits_chunk_size=chunk, log_completions_every_n_steps=0)
+        module = make_module(
+            tiny_model_dir,
+            graph_builder=ColliderGraphBuilder(num_integrated=2),
+            adjuster=CausalAdvantage(),
+            kl=CausalProjectedKL(policy_context="context"),
+            logits_chunk_size=chunk,
+            log_completions_every_n_steps=0,
+        )
         trainer = fit(module, tmp_path / str(chunk), steps=1)
         results.append((trainer.logged_metrics, module.policy.state_dict()))
     (m1, w1), (m2, w2) = results

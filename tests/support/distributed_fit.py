@@ -52,10 +52,17 @@ class RecordingAdvantage(CausalAdvantage):
         result = super().adjust(rewards, rollout, graph, batch_rewards)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         step = self.module.global_step
-        torch.save({"rewards": rewards, "batch_rewards": batch_rewards, "z": graph.representations,
-                    "context_z": graph.context_representations, "advantages": result.values,
-                    "prompts": rollout.prompts},
-                   self.out / f"rank{rank}_step{step}.pt")
+        torch.save(
+            {
+                "rewards": rewards,
+                "batch_rewards": batch_rewards,
+                "z": graph.representations,
+                "context_z": graph.context_representations,
+                "advantages": result.values,
+                "prompts": rollout.prompts,
+            },
+            self.out / f"rank{rank}_step{step}.pt",
+        )
         return result
 
 
@@ -66,8 +73,11 @@ class MetricsRecorder(L.Callback):
         self.rows: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        metrics = {k: float(v) for k, v in trainer.logged_metrics.items()  # wall-clock metrics: not reproducible
-                   if not k.startswith(("timing/", "tokens_per_s/"))}
+        metrics = {
+            k: float(v)
+            for k, v in trainer.logged_metrics.items()  # wall-clock metrics: not reproducible
+            if not k.startswith(("timing/", "tokens_per_s/"))
+        }
         self.rows.append({"step": trainer.global_step, **metrics})
         print(f"STEP {trainer.global_step}", flush=True)  # the SIGTERM test waits for these lines
 
@@ -116,14 +126,32 @@ def main() -> None:
     recorder = MetricsRecorder()
     callbacks = [recorder, HFExport(dirpath=str(out / "hf")), CheckpointOnSigterm(dirpath=str(out / "ckpt"))]
     if args.save_at:
-        callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=args.save_at, save_top_k=-1,
-                                         save_last=False, filename="{step}"))
-    strategy = (ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
-                if args.devices > 1 else "auto")
-    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.max_steps,
-                        val_check_interval=args.max_steps, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-                        logger=False, callbacks=callbacks,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(args.save_at))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=out / "ckpt",
+                every_n_train_steps=args.save_at,
+                save_top_k=-1,
+                save_last=False,
+                filename="{step}",
+            )
+        )
+    strategy = (
+        ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1) if args.devices > 1 else "auto"
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=args.max_steps,
+        val_check_interval=args.max_steps,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(args.save_at),
+    )
     dm = ArithmeticDataModule(batch_size=2, num_train=64, num_val=4, val_batch_size=2)
     trainer.fit(module, dm, ckpt_path=args.resume)
 
@@ -133,8 +161,13 @@ def main() -> None:
     reference_4bit = args.reference_4bit and count_4bit_linears(module.reference) > 0
     trainable = sorted(n for n, p in module.policy.named_parameters() if p.requires_grad)
     evaluation = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    summary = {"rows": recorder.rows, "sharded": sharded, "reference_4bit": reference_4bit, "trainable": trainable,
-               "val": evaluation}
+    summary = {
+        "rows": recorder.rows,
+        "sharded": sharded,
+        "reference_4bit": reference_4bit,
+        "trainable": trainable,
+        "val": evaluation,
+    }
     (out / f"metrics_rank{rank}.json").write_text(json.dumps(summary))
     if trainer.is_global_zero:
         torch.save(state, out / "weights.pt")

@@ -25,7 +25,8 @@ def test_causal_weight_by_hand():
     #        target_0 = (1, 1) - (1, 0) + (0.5, 0.5) = (0.5, 1.5);  cos(z_0, target_0) = 0.5 / sqrt(2.5) = 0.316228
     # i = 1: Zbar_{1,0} = (0, 2), Zbar_{1,1} = (2, 0) -> Zbar'_1 = (1, 1)
     #        target_1 = (0, 2) - (1, 1) + (0.5, 0.5) = (-0.5, 1.5); cos(z_1, target_1) = 1.5 / sqrt(2.5) = 0.948683
-    # alpha = 2: U = (0.632456, 1.897367).  Rewards (1, 0): A = +-0.5 / std, std = sqrt(0.5) -> A = (0.707107, -0.707107)
+    # alpha = 2: U = (0.632456, 1.897367).
+    # Rewards (1, 0): A = +-0.5 / std, std = sqrt(0.5) -> A = (0.707107, -0.707107)
     # B = A * U = (0.447214, -1.341641)
     z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     ctx = torch.tensor([[[1.0, 1.0], [1.0, -1.0]], [[0.0, 2.0], [2.0, 0.0]]])
@@ -93,13 +94,15 @@ def test_causal_ratio_cap_bounds_the_penalty_and_its_gradient():
     # p'_ref = 0.5, pi_theta(y | x_i) = 0.001: u = 500, k3 = 500 - ln 500 - 1 = 492.785
     # capped at max_ratio 10: k3(10) = 10 - ln 10 - 1 = 6.697415, and no gradient through the capped token
     logps_x = torch.full((1, 1), math.log(0.001), requires_grad=True)
-    prepared = PenaltyInputs(causal_ref_logps=torch.full((1, 1), math.log(0.5)), causal_clamped=torch.zeros(1, 1, dtype=torch.bool))
+    prepared = PenaltyInputs(
+        causal_ref_logps=torch.full((1, 1), math.log(0.5)), causal_clamped=torch.zeros(1, 1, dtype=torch.bool)
+    )
     rollout = SimpleNamespace(completion_mask=torch.ones(1, 1))
     for cap, expected in [(None, 500 - math.log(500) - 1), (10.0, 10 - math.log(10) - 1)]:
         kl = CausalProjectedKL(beta=0.0, kappa=1.0, policy_context="query", max_ratio=cap)
         out = kl.penalty(Scores(logps=logps_x), rollout, prepared, None)
         assert out.per_token.item() == pytest.approx(expected, rel=1e-5)
-        grad, = torch.autograd.grad(out.per_token.sum(), logps_x)
+        (grad,) = torch.autograd.grad(out.per_token.sum(), logps_x)
         assert (grad.item() == 0.0) == (cap is not None)
     with pytest.raises(ValueError, match="max_ratio"):
         CausalProjectedKL(max_ratio=1.0)

@@ -16,9 +16,14 @@ def write_jsonl(path, rows):
 
 def test_jsonl_through_datasets_with_column_mapping(tmp_path):
     rows = [{"problem": f"{i}+1", "solution": str(i + 1)} for i in range(10)]
-    dm = HFPromptDataModule(data_files=write_jsonl(tmp_path / "train.jsonl", rows), prompt_column="problem",
-                            prompt_template="Q: {question}\nA:", columns={"answer": "solution"}, val_size=3,
-                            batch_size=2)
+    dm = HFPromptDataModule(
+        data_files=write_jsonl(tmp_path / "train.jsonl", rows),
+        prompt_column="problem",
+        prompt_template="Q: {question}\nA:",
+        columns={"answer": "solution"},
+        val_size=3,
+        batch_size=2,
+    )
     dm.setup("fit")
     assert len(dm.train_rows) == 7 and len(dm.val_rows) == 3
     row = dm.train_rows[0]

@@ -52,8 +52,10 @@ def test_math_sample_with_preset():
     dm.setup("fit")
     answers = {r["question"]: r["answer"] for r in all_rows(dm)}
     assert len(answers) == len(sample_rows("math"))
-    assert answers["What is the value of $\\frac{3}{4} + \\frac{5}{6}$? Express your answer as a common fraction."] \
+    assert (
+        answers["What is the value of $\\frac{3}{4} + \\frac{5}{6}$? Express your answer as a common fraction."]
         == "\\frac{19}{12}"
+    )
     assert answers["Simplify $\\sqrt{72}$."] == "6\\sqrt{2}"
     assert all(r["solution"] and r["prompt"].startswith(r["question"]) for r in all_rows(dm))
 
@@ -81,9 +83,14 @@ def test_humaneval_sample_solutions_pass_their_tests():
 
 def test_column_mapping_overrides_the_preset(tmp_path):
     rows = [{"q": f"What is {i} + 1?", "worked": f"{i} + 1 = {i + 1}\n#### {i + 1}", "src": "mine"} for i in range(6)]
-    dm = HFPromptDataModule(data_files=write_jsonl(tmp_path / "t.jsonl", rows), preset="gsm8k", prompt_column="q",
-                            prompt_template="Q: {question}\nA:", columns={"solution": "worked", "origin": "src"},
-                            val_size=2)
+    dm = HFPromptDataModule(
+        data_files=write_jsonl(tmp_path / "t.jsonl", rows),
+        preset="gsm8k",
+        prompt_column="q",
+        prompt_template="Q: {question}\nA:",
+        columns={"solution": "worked", "origin": "src"},
+        val_size=2,
+    )
     dm.setup("fit")
     for row in all_rows(dm):
         i = int(row["question"].split()[2])
@@ -94,8 +101,11 @@ def test_column_mapping_overrides_the_preset(tmp_path):
 def test_missing_mapped_column_names_file_row_and_columns(tmp_path):
     rows = [{"question": "a", "answer": "x\n#### 1"}, {"question": "b", "solution": "#### 2"}]
     dm = HFPromptDataModule(data_files=write_jsonl(tmp_path / "gsm.jsonl", rows), preset="gsm8k", val_size=1)
-    with pytest.raises(DataError, match=r"gsm.jsonl row 1: no value in column\(s\) \['answer'\]; "
-                                        r"the row has \['question', 'solution'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"gsm.jsonl row 1: no value in column\(s\) \['answer'\]; "
+        r"the row has \['question', 'solution'\]",
+    ):
         dm.setup("fit")
 
 
@@ -115,8 +125,9 @@ def test_math_row_without_boxed_or_answer_is_named(tmp_path):
 
 def test_skip_bad_rows_drops_and_logs_them(tmp_path, caplog):
     rows = [{"problem": f"p{i}", "solution": f"$\\boxed{{{i}}}$" if i % 3 else "a proof"} for i in range(9)]
-    dm = HFPromptDataModule(data_files=write_jsonl(tmp_path / "m.jsonl", rows), preset="math", val_size=2,
-                            skip_bad_rows=True)
+    dm = HFPromptDataModule(
+        data_files=write_jsonl(tmp_path / "m.jsonl", rows), preset="math", val_size=2, skip_bad_rows=True
+    )
     with caplog.at_level(logging.WARNING, logger="gcpo_lightning.data.datamodules"):
         dm.setup("fit")
     assert sorted(int(r["answer"]) for r in all_rows(dm)) == [1, 2, 4, 5, 7, 8]
@@ -124,25 +135,35 @@ def test_skip_bad_rows_drops_and_logs_them(tmp_path, caplog):
 
 
 def test_math500_style_answer_column_wins(tmp_path):
-    rows = [{"problem": "p", "solution": "first $\\boxed{2}$ then $\\boxed{3}$", "answer": "\\frac{1}{2}"},
-            {"problem": "q", "solution": "no box here", "answer": "7"}]
-    dm = HFPromptDataModule(path="json", data_files=str(tmp_path / "unused.jsonl"), preset="math",
-                            val_path=write_jsonl(tmp_path / "math500.jsonl", rows), val_split="test")
+    rows = [
+        {"problem": "p", "solution": "first $\\boxed{2}$ then $\\boxed{3}$", "answer": "\\frac{1}{2}"},
+        {"problem": "q", "solution": "no box here", "answer": "7"},
+    ]
+    dm = HFPromptDataModule(
+        path="json",
+        data_files=str(tmp_path / "unused.jsonl"),
+        preset="math",
+        val_path=write_jsonl(tmp_path / "math500.jsonl", rows),
+        val_split="test",
+    )
     assert dm.val_source is not None and dm.val_source.split == "train"  # one local file: datasets' train split
     write_jsonl(tmp_path / "unused.jsonl", [{"problem": "x", "solution": "$\\boxed{0}$"}])
     dm.setup("fit")
     assert sorted(r["answer"] for r in dm.val_rows) == ["7", "\\frac{1}{2}"]
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("$\\boxed{\\frac{1}{\\sqrt{2}}}$", "\\frac{1}{\\sqrt{2}}"),
-    ("$\\boxed{1}$ or rather $\\boxed{\\{1, 2\\}}$.", "\\{1, 2\\}"),
-    ("\\boxed{x^{2^{3}}}", "x^{2^{3}}"),
-    ("so \\boxed 5$.", "5"),
-    ("\\fbox{42}", "42"),
-    ("\\boxed{unclosed {", None),
-    ("no box", None),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("$\\boxed{\\frac{1}{\\sqrt{2}}}$", "\\frac{1}{\\sqrt{2}}"),
+        ("$\\boxed{1}$ or rather $\\boxed{\\{1, 2\\}}$.", "\\{1, 2\\}"),
+        ("\\boxed{x^{2^{3}}}", "x^{2^{3}}"),
+        ("so \\boxed 5$.", "5"),
+        ("\\fbox{42}", "42"),
+        ("\\boxed{unclosed {", None),
+        ("no box", None),
+    ],
+)
 def test_math_answer_is_the_last_box_with_nested_braces(text, expected):
     if expected is None:
         with pytest.raises(ValueError, match="no answer"):
@@ -151,13 +172,16 @@ def test_math_answer_is_the_last_box_with_nested_braces(text, expected):
         assert MATH.derive({"solution": text}) == {"answer": expected}
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    # the presets once had their own box parser; one parser (the reward side's) now reads both, and these are the
-    # inputs where the two differed:
-    ("\\boxed{5} and then \\boxed{}", None),  # an empty last box is no answer (not the box before it)
-    ("\\boxed{\\boxed{3}}", "\\boxed{3}"),  # the top-level box's content (the grader unwraps the inner box)
-    ("\\boxed{a\\\\}b}", "a\\\\"),  # ``\\\\`` is an escaped backslash, so the brace after it closes the box
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # the presets once had their own box parser; one parser (the reward side's) now reads both, and these are the
+        # inputs where the two differed:
+        ("\\boxed{5} and then \\boxed{}", None),  # an empty last box is no answer (not the box before it)
+        ("\\boxed{\\boxed{3}}", "\\boxed{3}"),  # the top-level box's content (the grader unwraps the inner box)
+        ("\\boxed{a\\\\}b}", "a\\\\"),  # ``\\\\`` is an escaped backslash, so the brace after it closes the box
+    ],
+)
 def test_math_answer_where_the_old_parser_differed(text, expected):
     test_math_answer_is_the_last_box_with_nested_braces(text, expected)
 
@@ -232,13 +256,29 @@ def test_custom_preset_subclass_given_by_class_path(custom_preset, capsys):
     from gcpo_lightning.cli import main
 
     preset = '{"class_path": "my_presets.ShortAnswerPreset", "init_args": {"prompt_template": "Question: {question}"}}'
-    argv = ["--data", "gcpo_lightning.HFPromptDataModule", "--data.preset", preset, "--data.data_files",
-            custom_preset, "--data.val_size", "2", "--data.skip_bad_rows", "true", "--trainer.logger", "false"]
+    argv = [
+        "--data",
+        "gcpo_lightning.HFPromptDataModule",
+        "--data.preset",
+        preset,
+        "--data.data_files",
+        custom_preset,
+        "--data.val_size",
+        "2",
+        "--data.skip_bad_rows",
+        "true",
+        "--trainer.logger",
+        "false",
+    ]
     dm = main(argv, run=False).datamodule
     assert type(dm.preset).__name__ == "ShortAnswerPreset" and dm.prompt_column == "query"
     dm.setup("fit")
     assert min(all_rows(dm), key=lambda r: r["answer"]) == {
-        "reply": "0 + 2 = 2", "question": "0 + 2?", "answer": "2", "prompt": "Question: 0 + 2?"}
+        "reply": "0 + 2 = 2",
+        "question": "0 + 2?",
+        "answer": "2",
+        "prompt": "Question: 0 + 2?",
+    }
     assert len(all_rows(dm)) == 5 and sum(dm.skipped.values()) == 1  # derive's ValueError skips the bad row
     with pytest.raises(SystemExit):
         main(["fit", *argv, "--print_config"])
@@ -263,8 +303,13 @@ def test_prompt_char_filter_drops_and_logs(tmp_path, caplog):
 
 
 def test_prompt_token_filter_with_char_tokenizer(tmp_path, tiny_model_dir):
-    dm = HFPromptDataModule(data_files=lengths_file(tmp_path), max_prompt_tokens=7, tokenizer=str(tiny_model_dir),
-                            prompt_template="Q{question}", val_size=2)
+    dm = HFPromptDataModule(
+        data_files=lengths_file(tmp_path),
+        max_prompt_tokens=7,
+        tokenizer=str(tiny_model_dir),
+        prompt_template="Q{question}",
+        val_size=2,
+    )
     dm.setup("fit")
     assert sorted(int(r["answer"]) for r in all_rows(dm)) == list(range(1, 7))  # one token per character
 
@@ -273,8 +318,19 @@ def test_preset_template_survives_the_cli_default_data_module():
     from gcpo_lightning.cli import main
     from gcpo_lightning.data.templates import HUMANEVAL_TEMPLATE
 
-    cli = main(["--data", "gcpo_lightning.HFPromptDataModule", "--data.preset", "humaneval",
-                "--data.path", "x.jsonl", "--trainer.logger", "false"], run=False)
+    cli = main(
+        [
+            "--data",
+            "gcpo_lightning.HFPromptDataModule",
+            "--data.preset",
+            "humaneval",
+            "--data.path",
+            "x.jsonl",
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
     assert cli.datamodule.prompt_template == HUMANEVAL_TEMPLATE  # not the arithmetic template jsonargparse carries over
 
 
@@ -300,8 +356,14 @@ def test_separate_val_and_test_splits(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"question": f"t{i}", "answer": "1"} for i in range(10)])
     val = write_jsonl(tmp_path / "val.jsonl", [{"question": f"v{i}", "answer": "2"} for i in range(8)])
     test = write_jsonl(tmp_path / "test.jsonl", [{"question": f"e{i}", "answer": "3"} for i in range(6)])
-    dm = HFPromptDataModule(data_files={"train": train, "validation": val}, val_split="validation",
-                            test_data_files=test, max_train_rows=7, max_val_rows=5, val_batch_size=4)
+    dm = HFPromptDataModule(
+        data_files={"train": train, "validation": val},
+        val_split="validation",
+        test_data_files=test,
+        max_train_rows=7,
+        max_val_rows=5,
+        val_batch_size=4,
+    )
     dm.setup("fit")
     assert len(dm.train_rows) == 7 and {r["question"][0] for r in dm.train_rows} == {"t"}
     assert len(dm.val_rows) == 5 and {r["question"][0] for r in dm.val_rows} == {"v"}

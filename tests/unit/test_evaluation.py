@@ -109,21 +109,23 @@ def test_pass_at_k_takes_numbers_and_checks_its_shape():
 
 def test_majority_correct_votes_ties_and_none():
     answers = [
-        ["1", "2", "2", "3"],      # "2" wins 2-1-1; its samples are correct
-        ["1", "2", "2", "1"],      # tie 2-2: "1" appears first and wins; it is wrong
-        ["2", "1", "1", "2"],      # tie 2-2: "2" appears first and wins; it is right
-        [None, None, "5", None],   # None never votes: "5" wins; it is right
+        ["1", "2", "2", "3"],  # "2" wins 2-1-1; its samples are correct
+        ["1", "2", "2", "1"],  # tie 2-2: "1" appears first and wins; it is wrong
+        ["2", "1", "1", "2"],  # tie 2-2: "2" appears first and wins; it is right
+        [None, None, "5", None],  # None never votes: "5" wins; it is right
         [None, None, None, None],  # nothing extracted: incorrect
-        ["7", "7", "7", "8"],      # "7" wins, wrong
+        ["7", "7", "7", "8"],  # "7" wins, wrong
     ]
-    correct = torch.tensor([
-        [False, True, True, False],
-        [False, True, True, False],
-        [True, False, False, True],
-        [False, False, True, False],
-        [False, False, False, False],
-        [False, False, False, True],
-    ])
+    correct = torch.tensor(
+        [
+            [False, True, True, False],
+            [False, True, True, False],
+            [True, False, False, True],
+            [False, False, True, False],
+            [False, False, False, False],
+            [False, False, False, True],
+        ]
+    )
     torch.testing.assert_close(majority_correct(answers, correct, 4), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0]))
 
 
@@ -147,8 +149,9 @@ def make_batch(seed: int, problems: int, n: int) -> tuple[torch.Tensor, list[lis
     g = torch.Generator().manual_seed(seed)
     correct = torch.rand(problems, n, generator=g) < torch.rand(problems, 1, generator=g)
     wrong = torch.randint(0, 4, (problems, n), generator=g).tolist()
-    answers = [["42" if ok else (None if w == 0 else str(w)) for ok, w in zip(c, ws)]
-               for c, ws in zip(correct.tolist(), wrong)]
+    answers = [
+        ["42" if ok else (None if w == 0 else str(w)) for ok, w in zip(c, ws)] for c, ws in zip(correct.tolist(), wrong)
+    ]
     return correct, answers
 
 

@@ -80,6 +80,8 @@ def test_clip_fractions_count_only_gradient_removing_clips():
 def test_policy_loss_gradient_direction():
     # With ratio 1 and A > 0, d(loss)/d(logp) = -A / T for each token (grpo), pushing log-probs up.
     logps = torch.log(torch.tensor([[0.5, 0.5]])).requires_grad_(True)
-    loss, _ = policy_loss(logps, logps.detach(), torch.tensor([2.0]), torch.ones(1, 2), None, 0.2, 0.2, sequence_mean, 2)
+    loss, _ = policy_loss(
+        logps, logps.detach(), torch.tensor([2.0]), torch.ones(1, 2), None, 0.2, 0.2, sequence_mean, 2
+    )
     loss.backward()
     torch.testing.assert_close(logps.grad, torch.tensor([[-1.0, -1.0]]))
