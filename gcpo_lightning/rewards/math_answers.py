@@ -3,7 +3,7 @@ r"""Math answers: find the final answer in a text and decide whether two answers
 Equivalence is decided by Hugging Face's `math-verify <https://github.com/huggingface/Math-Verify>`_ (``parse`` and
 ``verify``), with a small hand-written fallback used when math-verify cannot parse an answer (or fails on it).
 
-Rules (tested in ``tests/test_math_answers.py``):
+Rules (tested in ``tests/unit/test_math_answers.py``):
 
 * **Prediction extraction** (:func:`extract_prediction`), first rule that applies:
 
