@@ -21,7 +21,8 @@ unshuffled), ``G``,
 the maximum completion length, temperature 1 / top-p 1 / no top-k, ``beta``, the clip range, ``loss_type``,
 AdamW (lr 1e-4, weight decay 0.01, grad-norm clip 1.0), fp32. Three TRL defaults that would make TRL do different
 work are switched off: ``bf16`` (on by default even on CPU), ``gradient_checkpointing`` (on by default) and
-``use_bias_correction_kl`` (different KL maths; see tests/component/test_trl_parity.py). Completion length: with sampling
+``use_bias_correction_kl`` (different KL maths; see tests/component/test_trl_parity.py). Completion length: with
+sampling
 it differs from run to run, so by default both sides suppress EOS until ``max_completion_length`` tokens
 (``min_new_tokens``: TRL through ``generation_kwargs``, ours through ``GroupSampler(min_new_tokens=...)``), which
 makes every completion exactly that long and the work identical; ``--natural-length`` turns that off and the
