@@ -149,6 +149,8 @@ class CausalProjectedKL(ProjectedKL):
         """``log pi_theta(y_t | x_i, y_<t)`` (the paper), or the main pass's ``log pi_theta(y_t | q, y_<t)``."""
         if self.policy_context == "query":
             return scores.logps
+        if prepared.context_ids is None or prepared.context_mask is None:
+            raise ValueError("CausalProjectedKL: policy_context='context' needs the contexts from prepare()")
         if self.policy_context == "context_frozen":
             return score_after_frozen_prefix(models.policy, prepared.context_ids, prepared.context_mask,
                                              rollout.completion_ids, rollout.completion_mask, models.temperature,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -156,8 +157,9 @@ class GroupSampler(Sampler):
             first += n
         prefix_ids, prefix_mask = left_pad(prefixes, pad, device)
         suffix_ids, suffix_mask = left_pad(suffixes, pad, device)
-        return self.backend.generate_shared(models.policy, prefix_ids, prefix_mask, suffix_ids, suffix_mask, owner,
-                                            self._decoding(models, greedy))
+        backend: Any = self.backend  # a backend with generate_shared (checked by sample_shared)
+        return backend.generate_shared(models.policy, prefix_ids, prefix_mask, suffix_ids, suffix_mask, owner,
+                                       self._decoding(models, greedy))
 
     def _generate(self, models: PolicyModels, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool) -> Tensor:
         """Completion tokens only, ``[N, T]`` with ``T <= max_completion_length``, generated in eval mode."""

@@ -246,7 +246,7 @@ def score_after_frozen_prefix(
         out = model(input_ids=inputs, attention_mask=mask, position_ids=positions[:, P - 1 : P + T - 1], cache=cache,
                     use_cache=True, logits_to_keep=1 if chunked and captured else T,
                     output_hidden_states=chunked and not captured)
-    if chunked:
+    if logits_chunk_size is not None:
         states = captured["states"] if captured else out.hidden_states[-1]  # [N, T, D]
         return chunked_head_logps(lm_head(model), states, completion_ids, temperature, logits_chunk_size)[0]
     return selective_log_softmax(out.logits / temperature, completion_ids)[0]
