@@ -25,8 +25,10 @@ from pathlib import Path
 STEP_PHASES = ("generation", "scoring", "rewards", "graph", "reference", "update")
 GRAPH_PHASES = ("integration", "context_generation", "context_representation")
 
-PREALLOC_OFF = ('--model.sampler.init_args.backend={"class_path": "gcpo_lightning.components.sampling.backends.'
-                'KVCacheLoop", "init_args": {"preallocate": false}}')
+PREALLOC_OFF = (
+    '--model.sampler.init_args.backend={"class_path": "gcpo_lightning.components.sampling.backends.'
+    'KVCacheLoop", "init_args": {"preallocate": false}}'
+)
 VARIANTS: dict[str, list[str]] = {
     # the textual-context path as it was before issue 10: one prompt per context row, a KV cache grown by cat
     "textual": [PREALLOC_OFF, "--model.graph_builder.init_args.share_prefix=false"],
@@ -47,12 +49,25 @@ def run(config: str, steps: int, prompts: int, extra: list[str], threads: int | 
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "gcpo_lightning", "fit", "--config", config, f"--trainer.max_steps={steps}",
-               "--trainer.num_sanity_val_steps=0", "--trainer.val_check_interval=100000",
-               "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-               "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp}",
-               "--trainer.logger.name=run", "--trainer.logger.version=0", f"--data.init_args.batch_size={prompts}",
-               *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gcpo_lightning",
+            "fit",
+            "--config",
+            config,
+            f"--trainer.max_steps={steps}",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.val_check_interval=100000",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={tmp}",
+            "--trainer.logger.name=run",
+            "--trainer.logger.version=0",
+            f"--data.init_args.batch_size={prompts}",
+            *extra,
+        ]
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         if proc.returncode:
             sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -61,8 +76,9 @@ def run(config: str, steps: int, prompts: int, extra: list[str], threads: int | 
     rows = rows[1:] or rows
     keys = [f"timing/{p}" for p in STEP_PHASES + GRAPH_PHASES] + [k for k in rows[0] if k.startswith("tokens_per_s/")]
     out = {k.replace("timing/", ""): statistics.median(float(r[k]) for r in rows) for k in keys if rows[0].get(k)}
-    out["step"] = statistics.median(sum(float(r[f"timing/{p}"]) for p in STEP_PHASES if r.get(f"timing/{p}"))
-                                    for r in rows)
+    out["step"] = statistics.median(
+        sum(float(r[f"timing/{p}"]) for p in STEP_PHASES if r.get(f"timing/{p}")) for r in rows
+    )
     return out
 
 
@@ -75,31 +91,49 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: torch's)")
     parser.add_argument("--no-grpo", action="store_true", help="skip the GRPO baseline")
-    parser.add_argument("--deviation", action="store_true",
-                        help="measure how far policy_context=context_frozen moves the gradient, then exit")
+    parser.add_argument(
+        "--deviation",
+        action="store_true",
+        help="measure how far policy_context=context_frozen moves the gradient, then exit",
+    )
     args = parser.parse_args(argv)
     if args.deviation:
         return deviation(args.steps)
     variants = args.compare.split(",")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU used; "
-          f"{args.prompts} prompts/step; threads {args.threads or 'default'}; load average at start {load:.2f}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU used; "
+        f"{args.prompts} prompts/step; threads {args.threads or 'default'}; load average at start {load:.2f}"
+    )
     print(f"{'method':36s} {'step s':>7s} {'x GRPO':>7s}  phases (s)")
     for rnd in range(args.rounds):
         for setting in args.settings:
             G, M, K = (int(x) for x in setting.split(","))
             base = float("nan")
             if not args.no_grpo:
-                grpo = run("configs/grpo.yaml", args.steps, args.prompts, [f"--model.num_generations={G}"],
-                           args.threads)
+                grpo = run(
+                    "configs/grpo.yaml", args.steps, args.prompts, [f"--model.num_generations={G}"], args.threads
+                )
                 base = grpo["step"]
                 print(f"{f'[{rnd}] GRPO G={G}':36s} {grpo['step']:7.2f} {1.0:7.2f}  {fmt(grpo)}", flush=True)
             for name in variants:
-                gcpo = run("configs/gcpo.yaml", args.steps, args.prompts, [
-                    f"--model.num_generations={G}", f"--model.graph_builder.init_args.num_integrated={M}",
-                    f"--model.graph_builder.init_args.num_context_samples={K}", *VARIANTS[name]], args.threads)
-                print(f"{f'[{rnd}] GCPO G={G} M={M} K={K} {name}':36s} {gcpo['step']:7.2f} "
-                      f"{gcpo['step'] / base:7.2f}  {fmt(gcpo)}", flush=True)
+                gcpo = run(
+                    "configs/gcpo.yaml",
+                    args.steps,
+                    args.prompts,
+                    [
+                        f"--model.num_generations={G}",
+                        f"--model.graph_builder.init_args.num_integrated={M}",
+                        f"--model.graph_builder.init_args.num_context_samples={K}",
+                        *VARIANTS[name],
+                    ],
+                    args.threads,
+                )
+                print(
+                    f"{f'[{rnd}] GCPO G={G} M={M} K={K} {name}':36s} {gcpo['step']:7.2f} "
+                    f"{gcpo['step'] / base:7.2f}  {fmt(gcpo)}",
+                    flush=True,
+                )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average at end {load:.2f}")
 
@@ -121,12 +155,14 @@ def deviation(steps: int = 3, seed: int = 0) -> None:
     from gcpo_lightning.policy.builder import PolicyBuilder
 
     torch.manual_seed(seed)
-    module = GCPOModule(policy_builder=PolicyBuilder("tiny-arith", use_chat_template=False),
-                        sampler=GroupSampler(max_completion_length=64, generation_batch_size=64),
-                        graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1),
-                        adjuster=CausalAdvantage(alpha=2.0),
-                        kl=CausalProjectedKL(beta=0.04, kappa=0.06, max_ratio=10.0),
-                        num_generations=8)
+    module = GCPOModule(
+        policy_builder=PolicyBuilder("tiny-arith", use_chat_template=False),
+        sampler=GroupSampler(max_completion_length=64, generation_batch_size=64),
+        graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1),
+        adjuster=CausalAdvantage(alpha=2.0),
+        kl=CausalProjectedKL(beta=0.04, kappa=0.06, max_ratio=10.0),
+        num_generations=8,
+    )
     module.configure_model()
     dm = ArithmeticDataModule(batch_size=8, seed=seed)
     dm.setup("fit")
@@ -149,16 +185,20 @@ def deviation(steps: int = 3, seed: int = 0) -> None:
         module.kl.kappa = 0.06
         cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
         causal = {c: grads[c, 0.06] - grads[c, 0.0] for c in ("context", "context_frozen")}
-        print(f"rollout {step}: loss context {losses['context', 0.06]:.6f} frozen {losses['context_frozen', 0.06]:.6f}"
-              f"; grad cos (whole loss) {cos(grads['context', 0.06], grads['context_frozen', 0.06]):.4f}, norm ratio "
-              f"{float(grads['context_frozen', 0.06].norm() / grads['context', 0.06].norm()):.4f}; causal-KL term: "
-              f"cos {cos(causal['context'], causal['context_frozen']):.4f}, norm ratio "
-              f"{float(causal['context_frozen'].norm() / causal['context'].norm()):.4f}", flush=True)
+        print(
+            f"rollout {step}: loss context {losses['context', 0.06]:.6f} frozen {losses['context_frozen', 0.06]:.6f}"
+            f"; grad cos (whole loss) {cos(grads['context', 0.06], grads['context_frozen', 0.06]):.4f}, norm ratio "
+            f"{float(grads['context_frozen', 0.06].norm() / grads['context', 0.06].norm()):.4f}; causal-KL term: "
+            f"cos {cos(causal['context'], causal['context_frozen']):.4f}, norm ratio "
+            f"{float(causal['context_frozen'].norm() / causal['context'].norm()):.4f}",
+            flush=True,
+        )
 
 
 def fmt(phases: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.0f}" if k.startswith("tokens_per_s") else f"{k} {v:.2f}"
-                     for k, v in phases.items() if k != "step")
+    return ", ".join(
+        f"{k} {v:.0f}" if k.startswith("tokens_per_s") else f"{k} {v:.2f}" for k, v in phases.items() if k != "step"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ states, completion tables, per-problem results) from callbacks (``configure_call
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
@@ -229,7 +230,7 @@ class GCPOModule(RebuildsComponents, L.LightningModule):
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> dict[str, Any]:
         """1 sample and score, 2 reward, 3 causal graph, 4 advantages, 5 penalty inputs, 6 clipped updates."""
         metrics: dict[str, float] = {}
-        models = self.models()
+        models, start = self.models(), time.perf_counter()
         with full_parameters(self.built_policy):  # FSDP: gather once for the whole no-grad rollout phase
             score = needs_rollout_scores(self, len(batch))  # 1
             rollout = self.sampler.sample(models, self.prompts_for(batch), self.num_generations, score=score)
@@ -245,6 +246,7 @@ class GCPOModule(RebuildsComponents, L.LightningModule):
         with timed(metrics, "update"):  # 6
             metrics.update(update_policy(self, rollout, advantages, prepared, models))
         metrics.update(rollout.metrics, **graph.metrics, **advantages.metrics, skipped_steps=float(self.skips.total))
+        metrics["timing/step"] = time.perf_counter() - start
         self.step_logger.log(self, rollout, batch_rewards, gather_across_ranks(per_func), metrics)
         return {"rollout": rollout, "rewards": batch_rewards[: len(rollout.completions)], "step": self.global_step}
 

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
+
+
+def require(value: T | None, what: str) -> T:
+    """``value``, or a ``ValueError`` naming what is missing (an optional field a component needs)."""
+    if value is None:
+        raise ValueError(f"{what} is missing")
+    return value
 
 
 @dataclass

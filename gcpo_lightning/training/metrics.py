@@ -82,5 +82,8 @@ class StepLogger(nn.Module):
         module.log("accuracy", self.accuracy, prog_bar=True, on_step=True, on_epoch=False)
         names = [reward_name(fn) for fn in funcs]
         metrics.update(rollout_metrics(rollout, rewards, per_func, names))
+        tokens = float(rollout.completion_mask.sum()) * module.num_iterations  # completion tokens the update scored
+        if metrics.get("timing/update"):
+            metrics["tokens_per_s/update"] = tokens / metrics["timing/update"]
         metrics.update(reward_fn_metrics(funcs, names))
         module.log_dict(metrics, on_step=True, on_epoch=False)

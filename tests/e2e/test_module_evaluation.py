@@ -30,6 +30,7 @@ def always_right_on_first_problem(completions, answer, **_):
 
 
 def test_validate_reports_sampled_metrics_and_writes_each_problem(make_module, tiny_model_dir, tmp_path):
+    L.seed_everything(0)  # the strict pass@1 < pass@2 < pass@4 below holds for these samples, whatever ran before
     module = make_module(
         tiny_model_dir,
         reward_funcs=[even_length],

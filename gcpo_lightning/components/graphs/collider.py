@@ -23,7 +23,7 @@ from gcpo_lightning.components.graphs.prompts import (
     render_candidates,
 )
 from gcpo_lightning.components.scoring.logprobs import score_in_batches
-from gcpo_lightning.interfaces.containers import CausalGraph, PolicyModels, Rollout
+from gcpo_lightning.interfaces.containers import CausalGraph, PolicyModels, Rollout, require
 from gcpo_lightning.interfaces.protocols import CausalGraphBuilder, Sampler
 
 
@@ -78,7 +78,9 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         if num_context_samples < 1:
             raise ValueError(f"ColliderGraphBuilder: num_context_samples (K) must be >= 1, got {num_context_samples}")
         if max_candidate_tokens is not None and max_candidate_tokens < 1:
-            raise ValueError(f"ColliderGraphBuilder: max_candidate_tokens must be >= 1 or null, got {max_candidate_tokens}")
+            raise ValueError(
+                f"ColliderGraphBuilder: max_candidate_tokens must be >= 1 or null, got {max_candidate_tokens}"
+            )
         require_placeholders("integration_template", integration_template, ("question", "candidates"))
         require_placeholders("context_template", context_template, ("question", "others", "integrated"))
         require_placeholders("candidate_template", candidate_template, ("index", "text"))
@@ -184,13 +186,21 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         ``per_candidate = M*K`` samples belong to each candidate; candidate ``n``'s prompt is ``rollout.prompt_ids[n]``.
         """
         if self.represent_in_context:
-            return samples.hidden
+            return require(samples.hidden, "the context samples' hidden states")
         prompt_ids = rollout.prompt_ids.repeat_interleave(per_candidate, dim=0)  # [N*M*K, P]
         prompt_mask = rollout.prompt_mask.repeat_interleave(per_candidate, dim=0)  # [N*M*K, P]
-        scores = score_in_batches(models.policy, prompt_ids, prompt_mask, samples.completion_ids,
-                                  samples.completion_mask, models.temperature, True, self.batch_size,
-                                  models.logits_chunk_size)
-        return scores.hidden
+        scores = score_in_batches(
+            models.policy,
+            prompt_ids,
+            prompt_mask,
+            samples.completion_ids,
+            samples.completion_mask,
+            models.temperature,
+            True,
+            self.batch_size,
+            models.logits_chunk_size,
+        )
+        return require(scores.hidden, "Scores.hidden")
 
     # ----- a check before training -------------------------------------------------------------------------------
 
@@ -207,9 +217,16 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         per_candidate = min(max_completion_length, self.max_candidate_tokens or max_completion_length)
         empty = [""] * num_generations
         longest = max(
-            count(models.render(self.integration_template.format(question=question, candidates=self.candidate_list(empty)))),
-            count(models.render(self.context_template.format(question=question, others=self.candidate_list(empty, 0),
-                                                             integrated=""))),
+            count(
+                models.render(
+                    self.integration_template.format(question=question, candidates=self.candidate_list(empty))
+                )
+            ),
+            count(
+                models.render(
+                    self.context_template.format(question=question, others=self.candidate_list(empty, 0), integrated="")
+                )
+            ),
         )
         need = longest + num_generations * per_candidate + 2 * max_completion_length
         if need > limit:

@@ -20,15 +20,24 @@ from gcpo_lightning.components.scoring.logprobs import score_after_frozen_prefix
 from gcpo_lightning.components.scoring.prefix_sharing import shared_prefix_logps
 from gcpo_lightning.functional.causal import projected_reference_probs
 from gcpo_lightning.functional.losses import k3, masked_mean
-from gcpo_lightning.interfaces.containers import CausalGraph, Penalty, PenaltyInputs, PolicyModels, Rollout, Scores
+from gcpo_lightning.interfaces.containers import (
+    CausalGraph,
+    Penalty,
+    PenaltyInputs,
+    PolicyModels,
+    Rollout,
+    Scores,
+    require,
+)
 from gcpo_lightning.interfaces.protocols import ProjectedKL
 
 PolicyContext = Literal["context", "context_frozen", "query"]
 
 
 def context_probs_shared(rollout: Rollout, graph: CausalGraph, models: PolicyModels, batch_size: int) -> Tensor:
-    """As :func:`context_probs`, with each candidate's ``M`` contexts packed over their shared prefix.  ``[N, M, T]``."""
-    ids, mask = graph.context_ids, graph.context_mask.bool()  # [N, M, Px]
+    """As :func:`context_probs`, each candidate's ``M`` contexts packed over their shared prefix.  ``[N, M, T]``."""
+    ids = require(graph.context_ids, "CausalGraph.context_ids")  # [N, M, Px]
+    mask = require(graph.context_mask, "CausalGraph.context_mask").bool()  # [N, M, Px]
     N, M, _ = ids.shape
     contexts = [[ids[n, m][mask[n, m]].tolist() for m in range(M)] for n in range(N)]
     ys = [y[m.bool()].tolist() for y, m in zip(rollout.completion_ids, rollout.completion_mask)]
@@ -41,7 +50,8 @@ def context_probs_shared(rollout: Rollout, graph: CausalGraph, models: PolicyMod
 
 def context_probs(rollout: Rollout, graph: CausalGraph, models: PolicyModels, batch_size: int) -> Tensor:
     """``p(y_{i,t} | x_{i,l}, y_{i,<t})`` under the rollout policy for every candidate and context.  ``[N, M, T]``."""
-    ids, mask = graph.context_ids, graph.context_mask  # [N, M, Px]
+    ids = require(graph.context_ids, "CausalGraph.context_ids")  # [N, M, Px]
+    mask = require(graph.context_mask, "CausalGraph.context_mask")  # [N, M, Px]
     N, M, _ = ids.shape
     scores = score_in_batches(
         models.policy,
@@ -91,8 +101,10 @@ class CausalProjectedKL(ProjectedKL):
         if beta < 0 or kappa < 0:
             raise ValueError(f"CausalProjectedKL: beta and kappa must be >= 0, got beta={beta}, kappa={kappa}")
         if policy_context not in ("context", "context_frozen", "query"):
-            raise ValueError("CausalProjectedKL: policy_context must be 'context', 'context_frozen' or 'query', got "
-                             f"{policy_context!r}")
+            raise ValueError(
+                "CausalProjectedKL: policy_context must be 'context', 'context_frozen' or 'query', got "
+                f"{policy_context!r}"
+            )
         if max_ratio is not None and max_ratio <= 1:
             raise ValueError(f"CausalProjectedKL: max_ratio must be > 1 or null, got {max_ratio}")
         if not 0 < min_prob < 1:
@@ -118,12 +130,14 @@ class CausalProjectedKL(ProjectedKL):
                 raise ValueError("CausalProjectedKL with kappa > 0 needs the contexts of ColliderGraphBuilder")
             probs = context_probs_shared if self.share_prefix else context_probs
             p = probs(rollout, graph, models, self.batch_size)  # [N, M, T]
-            p_ref, clamped = projected_reference_probs(p[:, 0], p.mean(1), rollout.old_logps.exp(), self.min_prob)
+            p_ref, clamped = projected_reference_probs(
+                p[:, 0], p.mean(1), require(rollout.old_logps, "Rollout.old_logps").exp(), self.min_prob
+            )
             out.causal_ref_logps = p_ref.log()  # [N, T]
             out.causal_clamped = clamped  # [N, T]
             if self.policy_context != "query":
-                out.context_ids = graph.context_ids[:, 0]  # [N, Px]: x_i = x_{i,0}
-                out.context_mask = graph.context_mask[:, 0]  # [N, Px]
+                out.context_ids = require(graph.context_ids, "CausalGraph.context_ids")[:, 0]  # [N, Px]: x_i = x_{i,0}
+                out.context_mask = require(graph.context_mask, "CausalGraph.context_mask")[:, 0]  # [N, Px]
         return out
 
     def penalty(self, scores: Scores, rollout: Rollout, prepared: PenaltyInputs, models: PolicyModels) -> Penalty:
@@ -133,14 +147,20 @@ class CausalProjectedKL(ProjectedKL):
         per_token, metrics = reference.per_token, dict(reference.metrics)  # [N, T]
         if self.kappa > 0:
             logps_x = self.policy_logps_on_context(scores, rollout, prepared, models)  # [N, T], with grad
-            log_u = prepared.causal_ref_logps - logps_x  # [N, T] log(p'_ref / pi_theta)
+            log_u = (
+                require(prepared.causal_ref_logps, "PenaltyInputs.causal_ref_logps") - logps_x
+            )  # [N, T] log(p'_ref / pi_theta)
             if self.max_ratio is not None:
-                metrics["causal_ratio_capped_frac"] = masked_mean((log_u.detach() > math.log(self.max_ratio)).float(), mask)
+                metrics["causal_ratio_capped_frac"] = masked_mean(
+                    (log_u.detach() > math.log(self.max_ratio)).float(), mask
+                )
                 log_u = log_u.clamp(max=math.log(self.max_ratio))
             kl_causal = k3(log_u)  # [N, T]
             per_token = per_token + self.kappa * kl_causal
             metrics["causal_kl"] = masked_mean(kl_causal.detach(), mask)
-            metrics["causal_clamped_frac"] = masked_mean(prepared.causal_clamped.float(), mask)
+            metrics["causal_clamped_frac"] = masked_mean(
+                require(prepared.causal_clamped, "PenaltyInputs.causal_clamped").float(), mask
+            )
         return Penalty(per_token=per_token, metrics=metrics)
 
     def policy_logps_on_context(
@@ -152,9 +172,21 @@ class CausalProjectedKL(ProjectedKL):
         if prepared.context_ids is None or prepared.context_mask is None:
             raise ValueError("CausalProjectedKL: policy_context='context' needs the contexts from prepare()")
         if self.policy_context == "context_frozen":
-            return score_after_frozen_prefix(models.policy, prepared.context_ids, prepared.context_mask,
-                                             rollout.completion_ids, rollout.completion_mask, models.temperature,
-                                             models.logits_chunk_size)
-        return score_completions(models.policy, prepared.context_ids, prepared.context_mask, rollout.completion_ids,
-                                 rollout.completion_mask, temperature=models.temperature,
-                                 logits_chunk_size=models.logits_chunk_size).logps
+            return score_after_frozen_prefix(
+                models.policy,
+                prepared.context_ids,
+                prepared.context_mask,
+                rollout.completion_ids,
+                rollout.completion_mask,
+                models.temperature,
+                models.logits_chunk_size,
+            )
+        return score_completions(
+            models.policy,
+            prepared.context_ids,
+            prepared.context_mask,
+            rollout.completion_ids,
+            rollout.completion_mask,
+            temperature=models.temperature,
+            logits_chunk_size=models.logits_chunk_size,
+        ).logps

@@ -55,16 +55,50 @@ class KVCacheLoop(GenerationBackend):
 
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, decoding: Decoding) -> Tensor:
         d = decoding
-        return decode(model, prompt_ids, prompt_mask, d.max_new_tokens, d.eos_ids, d.pad_id, d.temperature, d.top_p,
-                      d.top_k, d.greedy, d.min_new_tokens, preallocate=self.preallocate)
+        return decode(
+            model,
+            prompt_ids,
+            prompt_mask,
+            d.max_new_tokens,
+            d.eos_ids,
+            d.pad_id,
+            d.temperature,
+            d.top_p,
+            d.top_k,
+            d.greedy,
+            d.min_new_tokens,
+            preallocate=self.preallocate,
+        )
 
-    def generate_shared(self, model: nn.Module, prefix_ids: Tensor, prefix_mask: Tensor, suffix_ids: Tensor,
-                        suffix_mask: Tensor, owner: Tensor, decoding: Decoding) -> Tensor:
+    def generate_shared(
+        self,
+        model: nn.Module,
+        prefix_ids: Tensor,
+        prefix_mask: Tensor,
+        suffix_ids: Tensor,
+        suffix_mask: Tensor,
+        owner: Tensor,
+        decoding: Decoding,
+    ) -> Tensor:
         """Rows ``[prefix_ids[owner[r]] | suffix_ids[r]]``, each distinct prefix prefilled once and its KV cache
         copied to its rows (:func:`~gcpo_lightning.components.sampling.decoding.decode_shared_prefix`)."""
         d = decoding
-        return decode_shared_prefix(model, prefix_ids, prefix_mask, suffix_ids, suffix_mask, owner, d.max_new_tokens,
-                                    d.eos_ids, d.pad_id, d.temperature, d.top_p, d.top_k, d.greedy, d.min_new_tokens)
+        return decode_shared_prefix(
+            model,
+            prefix_ids,
+            prefix_mask,
+            suffix_ids,
+            suffix_mask,
+            owner,
+            d.max_new_tokens,
+            d.eos_ids,
+            d.pad_id,
+            d.temperature,
+            d.top_p,
+            d.top_k,
+            d.greedy,
+            d.min_new_tokens,
+        )
 
 
 class HFGenerate(GenerationBackend):
@@ -72,8 +106,13 @@ class HFGenerate(GenerationBackend):
 
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, decoding: Decoding) -> Tensor:
         d = decoding
-        kwargs: dict = dict(max_new_tokens=d.max_new_tokens, do_sample=not d.greedy, pad_token_id=d.pad_id,
-                            eos_token_id=d.eos_ids, min_new_tokens=d.min_new_tokens)
+        kwargs: dict = dict(
+            max_new_tokens=d.max_new_tokens,
+            do_sample=not d.greedy,
+            pad_token_id=d.pad_id,
+            eos_token_id=d.eos_ids,
+            min_new_tokens=d.min_new_tokens,
+        )
         if not d.greedy:
             kwargs.update(temperature=d.temperature, top_p=d.top_p, top_k=d.top_k)
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)  # type: ignore[operator]

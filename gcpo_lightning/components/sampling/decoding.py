@@ -64,12 +64,31 @@ def decode(
 
     cache = DynamicCache()
     positions = position_ids_from_mask(prompt_mask)  # [n, P]
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache,
-                use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     if preallocate:
         preallocate_cache(cache, max_new_tokens)
-    return decode_loop(model, out.logits[:, -1], cache, prompt_mask, positions[:, -1:], max_new_tokens, eos_ids,
-                       pad_id, temperature, top_p, top_k, greedy, min_new_tokens)
+    return decode_loop(
+        model,
+        out.logits[:, -1],
+        cache,
+        prompt_mask,
+        positions[:, -1:],
+        max_new_tokens,
+        eos_ids,
+        pad_id,
+        temperature,
+        top_p,
+        top_k,
+        greedy,
+        min_new_tokens,
+    )
 
 
 @torch.no_grad()
@@ -106,20 +125,52 @@ def decode_shared_prefix(
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids_from_mask(prefix_mask),
-          cache=cache, use_cache=True, logits_to_keep=1)
+    model(
+        input_ids=prefix_ids,
+        attention_mask=prefix_mask,
+        position_ids=position_ids_from_mask(prefix_mask),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     preallocate_cache(cache, suffix_ids.shape[1] + max_new_tokens, rows=owner)
     mask = torch.cat([prefix_mask[owner], suffix_mask], dim=1)  # [n, Lp+Ls]
-    positions = position_ids_from_mask(mask)[:, prefix_ids.shape[1]:]  # [n, Ls]
-    out = model(input_ids=suffix_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=1)
-    return decode_loop(model, out.logits[:, -1], cache, mask, positions[:, -1:], max_new_tokens, eos_ids, pad_id,
-                       temperature, top_p, top_k, greedy, min_new_tokens)
+    positions = position_ids_from_mask(mask)[:, prefix_ids.shape[1] :]  # [n, Ls]
+    out = model(
+        input_ids=suffix_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+    )
+    return decode_loop(
+        model,
+        out.logits[:, -1],
+        cache,
+        mask,
+        positions[:, -1:],
+        max_new_tokens,
+        eos_ids,
+        pad_id,
+        temperature,
+        top_p,
+        top_k,
+        greedy,
+        min_new_tokens,
+    )
 
 
-def decode_loop(model: nn.Module, logits: Tensor, cache, mask: Tensor, last_position: Tensor, max_new_tokens: int,
-                eos_ids: list[int], pad_id: int, temperature: float, top_p: float, top_k: int, greedy: bool,
-                min_new_tokens: int) -> Tensor:
+def decode_loop(
+    model: nn.Module,
+    logits: Tensor,
+    cache,
+    mask: Tensor,
+    last_position: Tensor,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    greedy: bool,
+    min_new_tokens: int,
+) -> Tensor:
     """The token-by-token loop after a prefill: ``logits`` ``[n, V]`` predict the first new token."""
     eos = torch.tensor(eos_ids, device=mask.device)
     done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # [n]
@@ -136,8 +187,9 @@ def decode_loop(model: nn.Module, logits: Tensor, cache, mask: Tensor, last_posi
             break
         mask = torch.cat([mask, (~done).long().unsqueeze(1) | 1], dim=1)  # [n, P+t+1]
         positions = positions + 1  # [n, 1]
-        out = model(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=positions, cache=cache,
-                    use_cache=True)
+        out = model(
+            input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+        )
         logits = out.logits[:, -1]  # [n, V]
     return torch.stack(tokens, dim=1)  # [n, T]
 

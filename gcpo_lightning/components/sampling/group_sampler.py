@@ -70,7 +70,11 @@ class GroupSampler(Sampler):
 
     @torch.no_grad()
     def sample_shared(
-        self, models: PolicyModels, groups: list[list[str]], num_generations: int, greedy: bool = False,
+        self,
+        models: PolicyModels,
+        groups: list[list[str]],
+        num_generations: int,
+        greedy: bool = False,
         score: bool = True,
     ) -> Rollout:
         """As :meth:`sample` over the prompts of ``groups`` flattened, encoding each group's shared prefix once.
@@ -89,8 +93,9 @@ class GroupSampler(Sampler):
         policy, was_training = models.policy, models.policy.training
         policy.eval()
         try:
-            completion_ids = self._generate_shared(models, prompt_ids, prompt_mask, [len(g) for g in groups],
-                                                   num_generations, greedy)
+            completion_ids = self._generate_shared(
+                models, prompt_ids, prompt_mask, [len(g) for g in groups], num_generations, greedy
+            )
         finally:
             policy.train(was_training)
         return self._rollout(models, flat, prompt_ids, prompt_mask, completion_ids, num_generations, start, score)
@@ -103,8 +108,17 @@ class GroupSampler(Sampler):
         prompt_mask = enc["attention_mask"].to(device).repeat_interleave(num_generations, dim=0)  # [N, P]
         return prompt_ids, prompt_mask
 
-    def _rollout(self, models: PolicyModels, prompts: list[str], prompt_ids: Tensor, prompt_mask: Tensor,
-                 completion_ids: Tensor, num_generations: int, start: float, score: bool) -> Rollout:
+    def _rollout(
+        self,
+        models: PolicyModels,
+        prompts: list[str],
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion_ids: Tensor,
+        num_generations: int,
+        start: float,
+        score: bool,
+    ) -> Rollout:
         tok = models.tokenizer
         generated = time.perf_counter()
         completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids(tok))
@@ -125,8 +139,9 @@ class GroupSampler(Sampler):
             rollout.metrics["timing/scoring"] = time.perf_counter() - generated
         return rollout
 
-    def _generate_shared(self, models: PolicyModels, prompt_ids: Tensor, prompt_mask: Tensor, sizes: list[int],
-                         K: int, greedy: bool) -> Tensor:
+    def _generate_shared(
+        self, models: PolicyModels, prompt_ids: Tensor, prompt_mask: Tensor, sizes: list[int], K: int, greedy: bool
+    ) -> Tensor:
         """Completions ``[N, T]`` of rows grouped by shared prefix: ``sizes[g] * K`` consecutive rows per group,
         at most ``generation_batch_size`` rows per call (whole groups)."""
         rows_of = [s * K for s in sizes]
@@ -138,13 +153,15 @@ class GroupSampler(Sampler):
                 n += rows_of[last]
                 last += 1
             rows = slice(first, first + n)
-            chunks.append(self._generate_shared_chunk(models, prompt_ids[rows], prompt_mask[rows], rows_of[g:last],
-                                                      greedy))
+            chunks.append(
+                self._generate_shared_chunk(models, prompt_ids[rows], prompt_mask[rows], rows_of[g:last], greedy)
+            )
             first, g = first + n, last
         return pad_cat(chunks, models.tokenizer.pad_token_id)
 
-    def _generate_shared_chunk(self, models: PolicyModels, ids: Tensor, mask: Tensor, rows_of: list[int],
-                               greedy: bool) -> Tensor:
+    def _generate_shared_chunk(
+        self, models: PolicyModels, ids: Tensor, mask: Tensor, rows_of: list[int], greedy: bool
+    ) -> Tensor:
         device, pad = ids.device, models.tokenizer.pad_token_id
         seqs = [row[m.bool()].tolist() for row, m in zip(ids, mask)]  # real tokens of every row
         owner = torch.arange(len(rows_of), device=device).repeat_interleave(torch.tensor(rows_of, device=device))
@@ -158,8 +175,9 @@ class GroupSampler(Sampler):
         prefix_ids, prefix_mask = left_pad(prefixes, pad, device)
         suffix_ids, suffix_mask = left_pad(suffixes, pad, device)
         backend: Any = self.backend  # a backend with generate_shared (checked by sample_shared)
-        return backend.generate_shared(models.policy, prefix_ids, prefix_mask, suffix_ids, suffix_mask, owner,
-                                       self._decoding(models, greedy))
+        return backend.generate_shared(
+            models.policy, prefix_ids, prefix_mask, suffix_ids, suffix_mask, owner, self._decoding(models, greedy)
+        )
 
     def _generate(self, models: PolicyModels, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool) -> Tensor:
         """Completion tokens only, ``[N, T]`` with ``T <= max_completion_length``, generated in eval mode."""
@@ -168,8 +186,10 @@ class GroupSampler(Sampler):
         was_training = policy.training
         policy.eval()
         try:
-            chunks = [self._generate_chunk(models, ids, mask, greedy)
-                      for ids, mask in zip(prompt_ids.split(step), prompt_mask.split(step))]
+            chunks = [
+                self._generate_chunk(models, ids, mask, greedy)
+                for ids, mask in zip(prompt_ids.split(step), prompt_mask.split(step))
+            ]
         finally:
             policy.train(was_training)
         return pad_cat(chunks, models.tokenizer.pad_token_id)
@@ -179,15 +199,30 @@ class GroupSampler(Sampler):
 
     def _decoding(self, models: PolicyModels, greedy: bool) -> Decoding:
         tok = models.tokenizer
-        return Decoding(max_new_tokens=self.max_completion_length, eos_ids=eos_ids(tok), pad_id=tok.pad_token_id,
-                        temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                        greedy=greedy or self.temperature == 0, min_new_tokens=self.min_new_tokens)
+        return Decoding(
+            max_new_tokens=self.max_completion_length,
+            eos_ids=eos_ids(tok),
+            pad_id=tok.pad_token_id,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            greedy=greedy or self.temperature == 0,
+            min_new_tokens=self.min_new_tokens,
+        )
 
     def _score(self, models: PolicyModels, rollout: Rollout) -> None:
         """Fill ``old_logps`` and ``hidden`` with no-grad forward passes of ``score_batch_size`` rows."""
-        scores = score_in_batches(models.policy, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                  rollout.completion_mask, models.temperature, True, self.score_batch_size,
-                                  models.logits_chunk_size)
+        scores = score_in_batches(
+            models.policy,
+            rollout.prompt_ids,
+            rollout.prompt_mask,
+            rollout.completion_ids,
+            rollout.completion_mask,
+            models.temperature,
+            True,
+            self.score_batch_size,
+            models.logits_chunk_size,
+        )
         rollout.old_logps = scores.logps  # [N, T]
         rollout.hidden = scores.hidden  # [N, D]
 

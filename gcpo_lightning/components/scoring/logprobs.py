@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from gcpo_lightning.interfaces.containers import Scores
+from gcpo_lightning.interfaces.containers import Scores, require
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -88,12 +89,18 @@ def score_completions(
         )
     states = (captured["states"] if captured else out.hidden_states[-1]) if need_states else None  # [N, P+T, D]
     if chunked:
-        logps, entropy = chunked_head_logps(lm_head(model), states[:, -T - 1 : -1], completion_ids, temperature,
-                                            logits_chunk_size)  # position t predicts completion token t
+        states = require(states, "final hidden states")
+        logps, entropy = chunked_head_logps(
+            lm_head(model),
+            states[:, -T - 1 : -1],
+            completion_ids,
+            temperature,
+            require(logits_chunk_size, "logits_chunk_size"),
+        )  # position t predicts completion token t
     else:
         logits = out.logits[:, :-1] / temperature  # [N, T, V]: position t predicts completion token t
         logps, entropy = selective_log_softmax(logits, completion_ids, chunk_size)
-    hidden = final_token_hidden(states, attention_mask) if with_hidden else None
+    hidden = final_token_hidden(require(states, "final hidden states"), attention_mask) if with_hidden else None
     return Scores(logps=logps, entropy=entropy, hidden=hidden)
 
 
@@ -106,7 +113,7 @@ def final_norm(model: nn.Module) -> nn.Module | None:
 
 def lm_head(model: nn.Module) -> nn.Module:
     """The output projection (through wrappers such as a PEFT model)."""
-    return model.get_output_embeddings()
+    return cast(nn.Module, model.get_output_embeddings())  # type: ignore[operator]
 
 
 @contextmanager
@@ -194,15 +201,22 @@ def score_in_batches(
     was_training = model.training
     model.eval()
     parts = [
-        score_completions(model, prompt_ids[s : s + batch_size], prompt_mask[s : s + batch_size],
-                          completion_ids[s : s + batch_size], completion_mask[s : s + batch_size],
-                          temperature=temperature, with_hidden=with_hidden, logits_chunk_size=logits_chunk_size)
+        score_completions(
+            model,
+            prompt_ids[s : s + batch_size],
+            prompt_mask[s : s + batch_size],
+            completion_ids[s : s + batch_size],
+            completion_mask[s : s + batch_size],
+            temperature=temperature,
+            with_hidden=with_hidden,
+            logits_chunk_size=logits_chunk_size,
+        )
         for s in range(0, prompt_ids.shape[0], batch_size)
     ]
     model.train(was_training)
-    hidden = torch.cat([p.hidden for p in parts]) if with_hidden else None
-    return Scores(logps=torch.cat([p.logps for p in parts]), entropy=torch.cat([p.entropy for p in parts]),
-                  hidden=hidden)
+    hidden = torch.cat([require(p.hidden, "Scores.hidden") for p in parts]) if with_hidden else None
+    entropy = torch.cat([require(p.entropy, "Scores.entropy") for p in parts])
+    return Scores(logps=torch.cat([p.logps for p in parts]), entropy=entropy, hidden=hidden)
 
 
 def score_after_frozen_prefix(
@@ -237,15 +251,27 @@ def score_after_frozen_prefix(
     positions = position_ids_from_mask(torch.cat([prefix_mask, completion_mask], dim=1))  # [N, P+T]
     P, T = prefix_ids.shape[1], completion_ids.shape[1]
     with torch.no_grad():
-        model(input_ids=prefix_ids[:, :-1], attention_mask=prefix_mask[:, :-1], position_ids=positions[:, : P - 1],
-              cache=cache, use_cache=True, logits_to_keep=1)
+        model(
+            input_ids=prefix_ids[:, :-1],
+            attention_mask=prefix_mask[:, :-1],
+            position_ids=positions[:, : P - 1],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
     inputs = torch.cat([prefix_ids[:, -1:], completion_ids[:, :-1]], dim=1)  # [N, T]: position t predicts y_t
     mask = torch.cat([prefix_mask, completion_mask[:, :-1]], dim=1)  # [N, P+T-1]
     chunked = logits_chunk_size is not None
     with final_states(model, enabled=chunked) as captured:
-        out = model(input_ids=inputs, attention_mask=mask, position_ids=positions[:, P - 1 : P + T - 1], cache=cache,
-                    use_cache=True, logits_to_keep=1 if chunked and captured else T,
-                    output_hidden_states=chunked and not captured)
+        out = model(
+            input_ids=inputs,
+            attention_mask=mask,
+            position_ids=positions[:, P - 1 : P + T - 1],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1 if chunked and captured else T,
+            output_hidden_states=chunked and not captured,
+        )
     if logits_chunk_size is not None:
         states = captured["states"] if captured else out.hidden_states[-1]  # [N, T, D]
         return chunked_head_logps(lm_head(model), states, completion_ids, temperature, logits_chunk_size)[0]

@@ -96,7 +96,9 @@ def shared_prefix_logps(
     return out
 
 
-def _score_packs(model: nn.Module, packs: list[PackedBranches], ys: list[list[int]], temperature: float) -> list[Tensor]:
+def _score_packs(
+    model: nn.Module, packs: list[PackedBranches], ys: list[list[int]], temperature: float
+) -> list[Tensor]:
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     L = max(len(p.ids) for p in packs)
@@ -108,8 +110,14 @@ def _score_packs(model: nn.Module, packs: list[PackedBranches], ys: list[list[in
     was_training = model.training
     model.eval()
     with final_states(model) as captured:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                    logits_to_keep=1 if captured else 0, output_hidden_states=not captured)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=1 if captured else 0,
+            output_hidden_states=not captured,
+        )
     model.train(was_training)
     states = captured["states"] if captured else out.hidden_states[-1]  # [n, L, D] after the final norm
     results = []
