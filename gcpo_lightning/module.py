@@ -129,7 +129,7 @@ class GCPOModule(RebuildsComponents, L.LightningModule):
         self.eval_num_samples, self.eval_pass_at = eval_num_samples, eval_pass_at
         self.eval_results_path = eval_results_path
         self.max_consecutive_skips = max_consecutive_skips
-        errors = settings_errors(self) + policy_builder.errors()
+        errors = settings_errors(self)  # PolicyBuilder checks its own settings when built
         if errors:
             raise ValueError("GCPOModule: " + "; ".join(errors))
         self.policy: torch.nn.Module | None = None

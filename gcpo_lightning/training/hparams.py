@@ -73,7 +73,8 @@ def read_hparams(checkpoint_path: Any) -> dict[str, Any]:
 
     if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_dir():
         return {}
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    is_path = isinstance(checkpoint_path, (str, Path))  # a file is mapped, not read: only the hparams are needed
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=is_path)
     return dict(checkpoint.get("hyper_parameters", {}))
 
 

@@ -55,6 +55,10 @@ def reward_fn_metrics(funcs: list[Any], reward_names: list[str]) -> dict[str, fl
     return out
 
 
+WALL_CLOCK_PREFIXES = ("timing/", "tokens_per_s/")
+"""Metrics measured in wall-clock time: they differ between otherwise identical runs (e.g. a resumed one)."""
+
+
 @contextmanager
 def timed(metrics: dict[str, float], name: str) -> Iterator[None]:
     """Add the wall time of the block to ``metrics[f"timing/{name}"]``."""

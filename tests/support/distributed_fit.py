@@ -40,6 +40,7 @@ from gcpo_lightning.policy.lora import LoRAConfig  # noqa: E402
 from gcpo_lightning.policy.quantization import QuantizationConfig, count_4bit_linears  # noqa: E402
 from gcpo_lightning.policy.sharding import full_state_dict  # noqa: E402
 from gcpo_lightning.training.callbacks import CheckpointOnSigterm, HFExport  # noqa: E402
+from gcpo_lightning.training.metrics import WALL_CLOCK_PREFIXES  # noqa: E402
 
 
 class RecordingAdvantage(CausalAdvantage):
@@ -76,7 +77,7 @@ class MetricsRecorder(L.Callback):
         metrics = {
             k: float(v)
             for k, v in trainer.logged_metrics.items()  # wall-clock metrics: not reproducible
-            if not k.startswith(("timing/", "tokens_per_s/"))
+            if not k.startswith(WALL_CLOCK_PREFIXES)
         }
         self.rows.append({"step": trainer.global_step, **metrics})
         print(f"STEP {trainer.global_step}", flush=True)  # the SIGTERM test waits for these lines
