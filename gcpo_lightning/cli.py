@@ -1,11 +1,15 @@
 """The command line: ``python -m gcpo_lightning {fit,validate,test} --config configs/gcpo.yaml``.
 
+``python -m gcpo_lightning report RUN_DIR ...`` (plots and a summary of finished runs) is dispatched to
+:mod:`gcpo_lightning.reporting` before LightningCLI is built.
+
 A thin LightningCLI: the system is :class:`GCPOModule`, any ``LightningDataModule`` is accepted by
 ``class_path``, and every component inside the module is chosen by ``class_path``/``init_args``.
 """
 
 from __future__ import annotations
 
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -115,7 +119,13 @@ def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:
 
     From the command line (``args=None``) a bad checkpoint, model path or data file ends the process with its
     one-line message (``error: ...``) instead of a traceback; called with ``args`` the exception propagates.
+    ``report ...`` runs :func:`gcpo_lightning.reporting.command.main` instead and exits with its status.
     """
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["report"]:
+        from gcpo_lightning.reporting.command import main as report  # matplotlib is imported for this command only
+
+        raise SystemExit(report(argv[1:]))
     if args is None:
         try:
             return _build(None, run)
