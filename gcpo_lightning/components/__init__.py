@@ -13,6 +13,7 @@ from gcpo_lightning.components.penalties.causal_kl import CausalProjectedKL
 from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
 from gcpo_lightning.components.sampling.backends import GenerationBackend, HFGenerate, KVCacheLoop
 from gcpo_lightning.components.sampling.group_sampler import GroupSampler
+from gcpo_lightning.components.sampling.vllm_sampler import VLLMSampler
 
 __all__ = [
     "CausalAdvantage",
@@ -33,4 +34,5 @@ __all__ = [
     "SequenceMean",
     "Similarity",
     "TokenMean",
+    "VLLMSampler",
 ]

