@@ -25,20 +25,40 @@ from pathlib import Path
 STEP_PHASES = ("generation", "scoring", "rewards", "graph", "reference", "update")
 GRAPH_PHASES = ("integration", "context_generation", "context_representation")
 
-PREALLOC_OFF = (
-    '--model.sampler.init_args.backend={"class_path": "gcpo_lightning.components.sampling.backends.'
-    'KVCacheLoop", "init_args": {"preallocate": false}}'
-)
+
+def backend(**init_args: object) -> str:
+    """A ``--model.sampler.init_args.backend`` override: ``KVCacheLoop`` with these ``init_args``."""
+    import json
+
+    spec = {"class_path": "gcpo_lightning.components.sampling.backends.KVCacheLoop", "init_args": init_args}
+    return f"--model.sampler.init_args.backend={json.dumps(spec)}"
+
+
+NO_CANDIDATE_SCORES = "--model.graph_builder.init_args.score_candidates=false"
+NO_CACHE = "--model.graph_builder.init_args.keep_context_cache=false"
+CONTEXT = "--model.kl.init_args.policy_context=context"  # the paper's gradient pass on x_i
+FROZEN = "--model.kl.init_args.policy_context=context_frozen"
 VARIANTS: dict[str, list[str]] = {
     # the textual-context path as it was before issue 10: one prompt per context row, a KV cache grown by cat
-    "textual": [PREALLOC_OFF, "--model.graph_builder.init_args.share_prefix=false"],
-    # preallocated KV cache only
-    "prealloc": ["--model.graph_builder.init_args.share_prefix=false"],
-    # the shipped config
+    "textual": [
+        backend(preallocate=False, compact=None),
+        "--model.graph_builder.init_args.share_prefix=false",
+        NO_CANDIDATE_SCORES,
+        NO_CACHE,
+        CONTEXT,
+    ],
+    # HEAD 056adf8 (the first half of issue 10): shared prefixes and a preallocated cache, nothing after
+    "shared": [backend(compact=None), NO_CANDIDATE_SCORES, NO_CACHE, CONTEXT],
+    # + finished rows dropped from the decoding batch
+    "compact": [NO_CANDIDATE_SCORES, NO_CACHE, CONTEXT],
+    # the shipped config: the paper's gradient pass on x_i, with everything exact of this issue (p_x, p_phi
+    # scored during context generation, compaction)
     "default": [],
-    # pi_theta(. | x_i) with x_i encoded without gradient (same values, the gradient through x_i dropped)
-    "frozen": ["--model.kl.init_args.policy_context=context_frozen"],
-    # the causal KL conditioned on q (no gradient pass on x_i): the cheap [decision]
+    # context_frozen as HEAD 056adf8 ran it: x_i encoded again without gradient
+    "frozen_reencode": [FROZEN],
+    # context_frozen attending to x_i's KV cache kept from context generation
+    "frozen": [FROZEN, "--model.graph_builder.init_args.keep_context_cache=true"],
+    # the causal KL conditioned on q (no pass on x_i at all): the spec's cheap [decision]
     "query": ["--model.kl.init_args.policy_context=query"],
 }
 

@@ -24,6 +24,44 @@ def require(value: T | None, what: str) -> T:
 
 
 @dataclass
+class PromptCache:
+    """The KV cache of ``r`` prompts without their last token, for a later pass that continues them.
+
+    Made under the rollout policy without gradient (GCPO's contexts ``x_{i,0}``, kept from context generation for
+    ``policy_context: context_frozen``); valid only while the policy's weights are those it was made with.
+    """
+
+    keys: list[Tensor]  # per layer [r, heads, L, head_dim]
+    values: list[Tensor]  # per layer [r, heads, L, head_dim]
+    mask: Tensor  # [r, L] 1 for real tokens (left-padded)
+    last_token: Tensor  # [r] each prompt's last token, not in the cache
+    last_position: Tensor  # [r] its position id
+
+    def select(self, index: Tensor) -> PromptCache:
+        """The prompts at ``index``."""
+        return PromptCache(
+            keys=[k[index] for k in self.keys],
+            values=[v[index] for v in self.values],
+            mask=self.mask[index],
+            last_token=self.last_token[index],
+            last_position=self.last_position[index],
+        )
+
+
+def cat_prompt_caches(parts: list[PromptCache]) -> PromptCache:
+    """Concatenate caches along prompts, left-padding each to the longest (masked, so the values do not matter)."""
+    L = max(p.mask.shape[1] for p in parts)
+    pad = lambda t, d: torch.nn.functional.pad(t, (0, 0) * d + (L - t.shape[-1 - d], 0))  # noqa: E731
+    return PromptCache(
+        keys=[torch.cat([pad(p.keys[i], 1) for p in parts]) for i in range(len(parts[0].keys))],
+        values=[torch.cat([pad(p.values[i], 1) for p in parts]) for i in range(len(parts[0].values))],
+        mask=torch.cat([pad(p.mask, 0) for p in parts]),
+        last_token=torch.cat([p.last_token for p in parts]),
+        last_position=torch.cat([p.last_position for p in parts]),
+    )
+
+
+@dataclass
 class Rollout:
     """A batch of groups: ``G`` sampled completions for each of ``B`` prompts, group-major.
 
@@ -40,6 +78,9 @@ class Rollout:
     old_logps: Tensor | None = None  # [N, T] log pi_old(y_t | q, y_<t), temperature applied
     hidden: Tensor | None = None  # [N, D] rep(y_i): last-layer hidden state at the final completion token
     truncated: Tensor | None = None  # [N] bool, True where no EOS was generated
+    # [prompts, T'] log p(continuation | prompt) of continuations scored during generation (sample_shared)
+    continuation_logps: Tensor | None = None
+    prompt_cache: PromptCache | None = None  # the KV cache of the prompts the sampler was asked to keep
     rows: list[dict[str, Any]] = field(default_factory=list)  # B data rows (prompt plus e.g. the answer column)
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. the sampler's phase timings
 
@@ -112,6 +153,10 @@ class CausalGraph:
     context_ids: Tensor | None = None  # [N, M, Px] left-padded token ids of the contexts x_{i,l}
     context_mask: Tensor | None = None  # [N, M, Px] 1 for real context tokens
     context_samples: list[str] | None = None  # [N*M*K] the samples O_{i,l,k}, candidate-major
+    # [N, M, T] log p_old(y_{i,t} | x_{i,l}, y_{i,<t}), scored while the contexts were generated (when the sampler
+    # could); the causal KL's p_x and p_phi (Eq. 13) then need no pass of their own
+    context_logps: Tensor | None = None
+    context_cache: PromptCache | None = None  # [N] x_{i,0}'s KV cache from context generation, when kept
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -164,11 +209,25 @@ class PenaltyInputs:
     causal_clamped: Tensor | None = None  # [N, T] bool: p'_ref was clamped into [min_prob, 1]
     context_ids: Tensor | None = None  # [N, Px] the context x_i = x_{i,0} pi_theta is scored on (Eq. 12)
     context_mask: Tensor | None = None  # [N, Px]
+    context_cache: PromptCache | None = None  # [N] x_i's KV cache under the rollout policy (context_frozen)
 
     def select(self, index: Tensor) -> PenaltyInputs:
-        """The rows at ``index`` of every tensor field (other fields are kept as they are)."""
+        """The rows at ``index`` of every tensor (and :class:`PromptCache`) field; other fields as they are."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v[index] for k, v in values.items() if isinstance(v, Tensor)})
+        rows: dict[str, Any] = {
+            k: v[index] if isinstance(v, Tensor) else v.select(index) for k, v in values.items() if _rows(v)
+        }
+        return replace(self, **rows)
+
+    def after_update(self) -> PenaltyInputs:
+        """What stays valid once the policy has taken an optimiser step: everything but the KV caches made under
+        the rollout policy's weights (``context_cache``)."""
+        return replace(self, context_cache=None)
+
+
+def _rows(value: Any) -> bool:
+    """Whether a field has one row per completion (a tensor or a prompt cache)."""
+    return isinstance(value, Tensor | PromptCache)
 
 
 @dataclass

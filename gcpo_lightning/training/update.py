@@ -82,6 +82,7 @@ def update_policy(
     for _ in range(m.num_iterations):
         for index in mini_batches(len(rollout.completions), m.num_generations, m.mini_batch_size, m.device):
             step = optimisation_step(m, rollout.select(index), advantages.values[index], prepared.select(index), models)
+            prepared = prepared.after_update()  # the policy has moved: drop what was cached under its old weights
             for k, v in step.items():
                 stats.setdefault(k, []).append(v)
     return {k: sum(v) / len(v) for k, v in stats.items()}

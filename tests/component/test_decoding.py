@@ -23,6 +23,22 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isfinite(filter_logits(logits, top_p=0.5))[0].tolist() == [True, False, False, False]
 
 
+def test_sampling_by_inverse_cdf_follows_the_filtered_distribution():
+    from gcpo_lightning.components.sampling.decoding import next_tokens
+
+    # softmax(log p) = p; top_k=3 drops the 0.1 token, leaving 0.4, 0.3, 0.2 renormalised to 4/9, 3/9, 2/9
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])).expand(40000, -1)
+    g = torch.Generator().manual_seed(0)
+    tokens = next_tokens(logits, 1.0, 1.0, 3, False, torch.rand(40000, generator=g))
+    freq = torch.bincount(tokens, minlength=4).float() / 40000
+    # 4 sigma of a binomial frequency at n = 40000 is at most 0.01
+    torch.testing.assert_close(freq, torch.tensor([4 / 9, 3 / 9, 2 / 9, 0.0]), atol=0.01, rtol=0)
+    # the same draw gives the same token whatever the batch around it (what compaction relies on)
+    u = torch.tensor([0.05, 0.5, 0.95])
+    assert next_tokens(logits[:3], 1.0, 1.0, 0, False, u).tolist() == [0, 1, 3]
+    assert next_tokens(logits[:1], 1.0, 1.0, 0, False, u[1:2]).tolist() == [1]
+
+
 def test_greedy_matches_generate(tiny_model_dir):
     model, tok = load_causal_lm(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
     enc = tok(

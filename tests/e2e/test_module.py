@@ -60,10 +60,11 @@ def test_fit_learns_and_logs(make_module, fit, logged_rows, tiny_model_dir, tmp_
     # default num_completions_to_log; here all 2 prompts x 4), under the optimiser step reached. 8 completions in
     # mini-batches of 4, twice (num_iterations=2), are 4 optimiser steps, so the first training batch already passes
     # max_steps=2 (optimiser steps): one table, at step 4. Each row has its prompt and its total reward, with the one
-    # reward function (weight 1) length_reward: len(completion) / 10.
+    # reward function (weight 1) length_reward: len(completion) / 10 + (sum of code points mod 10) / 100.
     table = [json.loads(line) for line in (Path(trainer.logger.log_dir) / "completions.jsonl").read_text().splitlines()]
     assert [r["step"] for r in table] == [4] * 8
-    assert all(r["reward"] == pytest.approx(len(r["completion"]) / 10) for r in table)
+    expected = lambda c: len(c) / 10 + (sum(map(ord, c)) % 10) / 100  # noqa: E731
+    assert all(r["reward"] == pytest.approx(expected(r["completion"])) for r in table)
     assert all(r["prompt"].startswith("Problem: ") for r in table)
     assert len({r["completion"] for r in table}) > 1, "completions of a sampled random model differ"
 

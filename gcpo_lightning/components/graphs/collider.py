@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from gcpo_lightning.components.graphs.prompts import (
@@ -59,6 +60,14 @@ class ColliderGraphBuilder(CausalGraphBuilder):
             the ``M*K`` context rows of a candidate (and the ``M`` integrated rows of a group) prefill their shared
             prefix once and fork its KV cache. Same tokens as without (exact up to float rounding; tested);
             ``false`` keeps one independent prompt per row.
+        score_candidates: while the contexts are generated (``share_prefix`` with a sampler that can), also score
+            each candidate ``y_i`` teacher-forced after its contexts ``x_{i,l}`` on the same KV cache:
+            ``CausalGraph.context_logps``, the causal KL's ``p_x``/``p_phi`` without a second pass over the
+            contexts (exact to float rounding; tested). Turn off when nothing reads them (``kappa: 0``).
+        keep_context_cache: with ``score_candidates``, keep the KV cache of every ``x_{i,0}`` from context
+            generation (``CausalGraph.context_cache``), which ``CausalProjectedKL(policy_context="context_frozen")``
+            then attends to instead of encoding ``x_i`` again (same values; valid until the first optimiser step).
+            Memory: one cache row per candidate.
     """
 
     def __init__(
@@ -72,11 +81,15 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         represent_in_context: bool = False,
         batch_size: int = 64,
         share_prefix: bool = True,
+        score_candidates: bool = True,
+        keep_context_cache: bool = False,
     ) -> None:
         if num_integrated < 1:
             raise ValueError(f"ColliderGraphBuilder: num_integrated (M) must be >= 1, got {num_integrated}")
         if num_context_samples < 1:
             raise ValueError(f"ColliderGraphBuilder: num_context_samples (K) must be >= 1, got {num_context_samples}")
+        if keep_context_cache and not score_candidates:
+            raise ValueError("ColliderGraphBuilder: keep_context_cache needs score_candidates: true")
         if max_candidate_tokens is not None and max_candidate_tokens < 1:
             raise ValueError(
                 f"ColliderGraphBuilder: max_candidate_tokens must be >= 1 or null, got {max_candidate_tokens}"
@@ -93,6 +106,8 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         self.represent_in_context = represent_in_context
         self.batch_size = batch_size
         self.share_prefix = share_prefix
+        self.score_candidates = score_candidates
+        self.keep_context_cache = keep_context_cache
 
     # ----- prompts -----------------------------------------------------------------------------------------------
 
@@ -150,7 +165,11 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         per_candidate = [[models.render(x) for x in per_i] for per_b in contexts for per_i in per_b]  # [N][M]
         flat = [x for per_i in per_candidate for x in per_i]  # N*M, order (b, i, l)
         start = time.perf_counter()
-        samples = self.sample(sampler, models, per_candidate, K, score=self.represent_in_context)  # N*M*K (b,i,l,k)
+        continuations = self.continuations(rollout, M) if self.score_candidates else None  # N*M, y_i after x_{i,l}
+        keep = list(range(0, len(flat), M)) if self.keep_context_cache else None  # x_{i,0}, order (b, i)
+        samples = self.sample(
+            sampler, models, per_candidate, K, score=self.represent_in_context, continuations=continuations, keep=keep
+        )  # N*M*K rows, order (b, i, l, k)
         metrics["timing/context_generation"] = time.perf_counter() - start
         metrics.update(throughput("context_generation", samples, metrics["timing/context_generation"]))
         start = time.perf_counter()
@@ -170,14 +189,43 @@ class ColliderGraphBuilder(CausalGraphBuilder):
             context_ids=enc["input_ids"].to(device).view(N, M, -1),  # [N, M, Px] left-padded x_{i,l}
             context_mask=enc["attention_mask"].to(device).view(N, M, -1),  # [N, M, Px]
             context_samples=samples.completions,  # [N*M*K] O_{i,l,k}
+            context_logps=self.context_logps(samples, N, M, rollout.completion_ids.shape[1]),  # [N, M, T] or None
+            context_cache=samples.prompt_cache,  # [N] x_{i,0}'s KV cache, or None
             metrics=metrics,
         )
 
-    def sample(self, sampler: Sampler, models: PolicyModels, groups: list[list[str]], K: int, score: bool) -> Rollout:
+    @staticmethod
+    def continuations(rollout: Rollout, M: int) -> list[list[int]]:
+        """Candidate ``y_i``'s tokens once per context ``x_{i,l}``: ``N*M`` lists, order ``(b, i, l)``."""
+        ys = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+        return [y for y in ys for _ in range(M)]
+
+    @staticmethod
+    def context_logps(samples: Rollout, N: int, M: int, T: int) -> Tensor | None:
+        """``[N, M, T]`` ``log p(y_{i,t} | x_{i,l}, y_{i,<t})`` from the sampler's scored continuations (0 on
+        padding), or ``None`` when the sampler did not score them."""
+        logps = samples.continuation_logps  # [N*M, T'] with T' <= T
+        if logps is None:
+            return None
+        return torch.nn.functional.pad(logps[:, :T], (0, T - min(T, logps.shape[1]))).view(N, M, T)
+
+    def sample(
+        self,
+        sampler: Sampler,
+        models: PolicyModels,
+        groups: list[list[str]],
+        K: int,
+        score: bool,
+        continuations: list[list[int]] | None = None,
+        keep: list[int] | None = None,
+    ) -> Rollout:
         """``K`` samples of every prompt of ``groups`` (flattened order); the prompts of a group share a prefix,
-        encoded once when ``share_prefix`` and the sampler can (``sample_shared``)."""
+        encoded once when ``share_prefix`` and the sampler can (``sample_shared``), which then also scores the
+        ``continuations`` (one per prompt) on the prompts' KV cache and keeps the cache of the prompts ``keep``."""
         if self.share_prefix and hasattr(sampler, "sample_shared"):
-            return sampler.sample_shared(models, groups, K, score=score)
+            if continuations is None:
+                return sampler.sample_shared(models, groups, K, score=score)
+            return sampler.sample_shared(models, groups, K, score=score, continuations=continuations, keep_cache=keep)
         return sampler.sample(models, [p for g in groups for p in g], K, score=score)
 
     def represent(self, samples: Rollout, rollout: Rollout, models: PolicyModels, per_candidate: int) -> Tensor:

@@ -16,7 +16,12 @@ import torch
 from torch import Tensor
 
 from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
-from gcpo_lightning.components.scoring.logprobs import score_after_frozen_prefix, score_completions, score_in_batches
+from gcpo_lightning.components.scoring.logprobs import (
+    score_after_cache,
+    score_after_frozen_prefix,
+    score_completions,
+    score_in_batches,
+)
 from gcpo_lightning.components.scoring.prefix_sharing import shared_prefix_logps
 from gcpo_lightning.functional.causal import projected_reference_probs
 from gcpo_lightning.functional.losses import k3, masked_mean
@@ -128,8 +133,7 @@ class CausalProjectedKL(ProjectedKL):
         if self.kappa > 0:
             if graph.context_ids is None or graph.context_mask is None:
                 raise ValueError("CausalProjectedKL with kappa > 0 needs the contexts of ColliderGraphBuilder")
-            probs = context_probs_shared if self.share_prefix else context_probs
-            p = probs(rollout, graph, models, self.batch_size)  # [N, M, T]
+            p = self.context_probs(rollout, graph, models)  # [N, M, T] p(y_{i,t} | x_{i,l}, y_{i,<t})
             p_ref, clamped = projected_reference_probs(
                 p[:, 0], p.mean(1), require(rollout.old_logps, "Rollout.old_logps").exp(), self.min_prob
             )
@@ -138,7 +142,17 @@ class CausalProjectedKL(ProjectedKL):
             if self.policy_context != "query":
                 out.context_ids = require(graph.context_ids, "CausalGraph.context_ids")[:, 0]  # [N, Px]: x_i = x_{i,0}
                 out.context_mask = require(graph.context_mask, "CausalGraph.context_mask")[:, 0]  # [N, Px]
+            if self.policy_context == "context_frozen":
+                out.context_cache = graph.context_cache  # [N] x_i's KV cache from context generation, if kept
         return out
+
+    def context_probs(self, rollout: Rollout, graph: CausalGraph, models: PolicyModels) -> Tensor:
+        """``p(y_{i,t} | x_{i,l}, y_{i,<t})`` ``[N, M, T]``: as the graph builder scored them while generating the
+        contexts (``ColliderGraphBuilder(score_candidates=True)``), else one pass of its own."""
+        if graph.context_logps is not None:
+            return graph.context_logps.exp()
+        probs = context_probs_shared if self.share_prefix else context_probs
+        return probs(rollout, graph, models, self.batch_size)
 
     def penalty(self, scores: Scores, rollout: Rollout, prepared: PenaltyInputs, models: PolicyModels) -> Penalty:
         """``beta * kl_ref + kappa * kl_causal`` per token, with both KLs and the clamped fraction logged."""
@@ -171,6 +185,15 @@ class CausalProjectedKL(ProjectedKL):
             return scores.logps
         if prepared.context_ids is None or prepared.context_mask is None:
             raise ValueError("CausalProjectedKL: policy_context='context' needs the contexts from prepare()")
+        if self.policy_context == "context_frozen" and prepared.context_cache is not None:
+            return score_after_cache(  # x_i's KV cache from context generation (the policy has not moved yet)
+                models.policy,
+                prepared.context_cache,
+                rollout.completion_ids,
+                rollout.completion_mask,
+                models.temperature,
+                models.logits_chunk_size,
+            )
         if self.policy_context == "context_frozen":
             return score_after_frozen_prefix(
                 models.policy,

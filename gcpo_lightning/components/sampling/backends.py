@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from gcpo_lightning.components.sampling.decoding import decode, decode_shared_prefix
+from gcpo_lightning.components.sampling.decoding import Forced, decode, decode_shared_prefix
+from gcpo_lightning.interfaces.containers import PromptCache
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,19 @@ class KVCacheLoop(GenerationBackend):
     Args:
         preallocate: write the KV cache into buffers sized for the whole generation (the same tokens as a cache
             grown by concatenation, without copying it every step); ``false`` grows it (the old loop).
+        compact: once this fraction of the rows in the batch has finished, drop them (and their KV cache rows)
+            so that later steps cost only the rows still writing; the same tokens, sampled or greedy, because
+            every step draws one number per original row. ``null`` keeps every row to the end (the old loop).
     """
 
-    def __init__(self, preallocate: bool = True) -> None:
+    def __init__(self, preallocate: bool = True, compact: float | None = 0.25) -> None:
+        if compact is not None and not 0 < compact <= 1:
+            raise ValueError(f"KVCacheLoop: compact must be in (0, 1] or null, got {compact}")
         self.preallocate = preallocate
+        self.compact = compact
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(preallocate={self.preallocate})"
+        return f"{type(self).__name__}(preallocate={self.preallocate}, compact={self.compact})"
 
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, decoding: Decoding) -> Tensor:
         d = decoding
@@ -68,6 +75,7 @@ class KVCacheLoop(GenerationBackend):
             d.greedy,
             d.min_new_tokens,
             preallocate=self.preallocate,
+            compact=self.compact,
         )
 
     def generate_shared(
@@ -79,9 +87,12 @@ class KVCacheLoop(GenerationBackend):
         suffix_mask: Tensor,
         owner: Tensor,
         decoding: Decoding,
-    ) -> Tensor:
+        forced: Forced | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, PromptCache | None] | None]:
         """Rows ``[prefix_ids[owner[r]] | suffix_ids[r]]``, each distinct prefix prefilled once and its KV cache
-        copied to its rows (:func:`~gcpo_lightning.components.sampling.decoding.decode_shared_prefix`)."""
+        copied to its rows (:func:`~gcpo_lightning.components.sampling.decoding.decode_shared_prefix`), and the
+        log-probs of the ``forced`` continuations, scored on that cache before decoding (and the KV cache of the
+        prompts ``forced.keep`` names)."""
         d = decoding
         return decode_shared_prefix(
             model,
@@ -98,6 +109,8 @@ class KVCacheLoop(GenerationBackend):
             d.top_k,
             d.greedy,
             d.min_new_tokens,
+            forced=forced,
+            compact=self.compact,
         )
 
 

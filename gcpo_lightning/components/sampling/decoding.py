@@ -8,11 +8,13 @@ temperature and filtering are the same as ``generate``'s, so log-probs recompute
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from gcpo_lightning.components.scoring.logprobs import position_ids_from_mask
+from gcpo_lightning.components.scoring.logprobs import chunked_head_logps, final_states, lm_head, position_ids_from_mask
+from gcpo_lightning.interfaces.containers import PromptCache
 
 
 def filter_logits(logits: Tensor, top_p: float = 1.0, top_k: int = 0) -> Tensor:
@@ -28,12 +30,24 @@ def filter_logits(logits: Tensor, top_p: float = 1.0, top_k: int = 0) -> Tensor:
     return logits
 
 
-def next_tokens(logits: Tensor, temperature: float, top_p: float, top_k: int, greedy: bool) -> Tensor:
-    """One token per row: argmax, or a sample from the tempered, filtered distribution.  ``[n, V] -> [n]``."""
+def next_tokens(
+    logits: Tensor, temperature: float, top_p: float, top_k: int, greedy: bool, uniform: Tensor | None = None
+) -> Tensor:
+    """One token per row: argmax, or a sample from the tempered, filtered distribution.  ``[n, V] -> [n]``.
+
+    Sampling inverts each row's CDF at ``uniform`` (``[n]`` draws in ``[0, 1)``; fresh ones when ``None``): the same
+    distribution as ``torch.multinomial``, with one draw per row that the caller controls, so that a batch whose
+    finished rows were dropped (:func:`decode_loop`'s compaction) samples exactly the tokens the full batch would.
+    """
     if greedy or temperature == 0:
         return logits.argmax(-1)
     probs = filter_logits(logits.float() / temperature, top_p, top_k).softmax(-1)  # [n, V]
-    return torch.multinomial(probs, 1).squeeze(-1)
+    if uniform is None:
+        uniform = torch.rand(probs.shape[0], device=probs.device)
+    cdf = probs.cumsum(-1)  # [n, V]
+    target = (uniform.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)  # [n, 1]
+    # the first token whose CDF exceeds the draw; a token of probability 0 never does before its predecessor
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -50,12 +64,14 @@ def decode(
     greedy: bool = False,
     min_new_tokens: int = 0,
     preallocate: bool = True,
+    compact: float | None = 0.25,
 ) -> Tensor:
     """Generate up to ``max_new_tokens`` after left-padded prompts; rows stop at their first EOS.
 
     EOS cannot be sampled before ``min_new_tokens`` tokens (as ``generate``'s ``min_new_tokens``).
     ``preallocate`` writes the KV cache into buffers sized for the whole generation instead of growing it by
     concatenation each step (the same numbers; on CPU the concatenations were ~25 % of a long-prompt decode).
+    ``compact`` drops finished rows from the batch (see :func:`decode_loop`; the same tokens).
 
     Returns:
         ``[n, T]`` completion tokens (``T <= max_new_tokens``), ``pad_id`` after a row's EOS.
@@ -88,7 +104,23 @@ def decode(
         top_k,
         greedy,
         min_new_tokens,
+        compact,
     )
+
+
+@dataclass(frozen=True)
+class Forced:
+    """Continuations scored teacher-forced after some rows' prompts, on the KV cache the decode prefilled.
+
+    GCPO's ``p(y_i | x_{i,l})``: the candidate ``y_i`` after the context ``x_{i,l}`` whose samples are being
+    generated, without encoding ``x_{i,l}`` a second time.
+    """
+
+    rows: Tensor  # [f] the row whose prompt each continuation follows
+    ids: Tensor  # [f, T] right-padded continuation tokens
+    temperature: float = 1.0  # divides the logits, as in generation
+    chunk_size: int = 16  # rows per LM-head chunk
+    keep: Tensor | None = None  # [k] continuations (indices into rows) whose prompt's KV cache is returned
 
 
 @torch.no_grad()
@@ -107,7 +139,9 @@ def decode_shared_prefix(
     top_k: int = 0,
     greedy: bool = False,
     min_new_tokens: int = 0,
-) -> Tensor:
+    forced: Forced | None = None,
+    compact: float | None = 0.25,
+) -> tuple[Tensor, tuple[Tensor, PromptCache | None] | None]:
     """:func:`decode` for rows ``[prefix_ids[owner[r]] | suffix_ids[r]]``, encoding each distinct prefix once.
 
     The prefixes are prefilled together, their KV cache is copied to the rows that share them (``owner``), the
@@ -121,6 +155,61 @@ def decode_shared_prefix(
         suffix_ids: ``[n, Ls]`` left-padded suffixes, each with at least one real token.
         suffix_mask: ``[n, Ls]``.
         owner: ``[n]`` the prefix of each row.
+        forced: continuations to score after some rows' prompts before decoding (:func:`score_forced`).
+        compact: see :func:`decode_loop`.
+
+    Returns:
+        ``([n, T] completion tokens, (the forced continuations' [f, T_forced] log-probs, the KV cache of the
+        prompts ``forced.keep`` names) or None)``.
+    """
+    logits, cache, mask, positions = prefill_shared(
+        model, prefix_ids, prefix_mask, suffix_ids, suffix_mask, owner, max_new_tokens
+    )
+    scored = None
+    if forced is not None:
+        rows = forced.rows
+        scored = score_forced(
+            model,
+            [layer.keys.index_select(0, rows) for layer in cache.layers],
+            [layer.values.index_select(0, rows) for layer in cache.layers],
+            mask[rows],
+            positions[rows],
+            suffix_ids[rows, -1],
+            logits[rows],
+            forced,
+        )
+    tokens = decode_loop(
+        model,
+        logits,
+        cache,
+        mask,
+        positions,
+        max_new_tokens,
+        eos_ids,
+        pad_id,
+        temperature,
+        top_p,
+        top_k,
+        greedy,
+        min_new_tokens,
+        compact,
+    )
+    return tokens, scored
+
+
+def prefill_shared(
+    model: nn.Module,
+    prefix_ids: Tensor,
+    prefix_mask: Tensor,
+    suffix_ids: Tensor,
+    suffix_mask: Tensor,
+    owner: Tensor,
+    room: int,
+):
+    """Prefill distinct prefixes once, fork their KV cache to the rows (``owner``), prefill the suffixes on top.
+
+    Returns ``(logits [n, V] predicting each row's next token, the cache with room for ``room`` more tokens,
+    the rows' attention mask [n, Lp+Ls], their last position [n, 1])``.
     """
     from transformers import DynamicCache
 
@@ -133,27 +222,72 @@ def decode_shared_prefix(
         use_cache=True,
         logits_to_keep=1,
     )
-    preallocate_cache(cache, suffix_ids.shape[1] + max_new_tokens, rows=owner)
+    preallocate_cache(cache, suffix_ids.shape[1] + room, rows=owner)
     mask = torch.cat([prefix_mask[owner], suffix_mask], dim=1)  # [n, Lp+Ls]
     positions = position_ids_from_mask(mask)[:, prefix_ids.shape[1] :]  # [n, Ls]
     out = model(
         input_ids=suffix_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
     )
-    return decode_loop(
-        model,
-        out.logits[:, -1],
-        cache,
-        mask,
-        positions[:, -1:],
-        max_new_tokens,
-        eos_ids,
-        pad_id,
-        temperature,
-        top_p,
-        top_k,
-        greedy,
-        min_new_tokens,
-    )
+    return out.logits[:, -1], cache, mask, positions[:, -1:]
+
+
+def score_forced(
+    model: nn.Module,
+    keys: list[Tensor],
+    values: list[Tensor],
+    mask: Tensor,
+    last_position: Tensor,
+    last_token: Tensor,
+    logits: Tensor,
+    forced: Forced,
+) -> tuple[Tensor, PromptCache | None]:
+    """``log p(c_t | prompt, c_<t)`` of each forced continuation ``c`` after its row's prefilled prompt.
+
+    ``keys``/``values`` (per layer ``[f, h, L, d]``), ``mask`` ``[f, L]``, ``last_position`` ``[f, 1]``,
+    ``last_token`` ``[f]`` and ``logits`` ``[f, V]`` are the forced rows' prompt cache (a copy: the decode goes on
+    from the original), its mask, its last position and token, and the logits predicting ``c_0``. One pass over
+    ``c[:-1]`` on the copy predicts the rest, through the LM head in row chunks. Equals a teacher-forced pass over
+    ``[prompt | c]`` to float rounding.
+
+    Returns:
+        ``[f, T]`` fp32 log-probs (padding positions hold values for the pad tokens; mask them), and the KV cache
+        of the prompts of the continuations ``forced.keep`` names (without their last token, as
+        :class:`~gcpo_lightning.interfaces.containers.PromptCache` holds them) or ``None``.
+    """
+    from transformers import DynamicCache
+
+    ids, T = forced.ids, forced.ids.shape[1]
+    first = (logits.float() / forced.temperature).log_softmax(-1).gather(-1, ids[:, :1])  # [f, 1]
+    kept = None
+    if forced.keep is not None:
+        k = forced.keep  # [k] indices into the forced rows
+        kept = PromptCache(
+            keys=[x[k, :, :-1] for x in keys],
+            values=[x[k, :, :-1] for x in values],
+            mask=mask[k, :-1],
+            last_token=last_token[k],
+            last_position=last_position[k, 0],
+        )
+    if T == 1:
+        return first, kept
+    copy = DynamicCache()
+    for i, (key, value) in enumerate(zip(keys, values)):
+        copy.update(key, value, i)
+    attention = torch.cat([mask, mask.new_ones(mask.shape[0], T - 1)], dim=1)  # [f, L+T-1]
+    positions = last_position + torch.arange(1, T, device=ids.device)  # [f, T-1]
+    with final_states(model) as captured:
+        out = model(
+            input_ids=ids[:, :-1],
+            attention_mask=attention,
+            position_ids=positions,
+            cache=copy,
+            use_cache=True,
+            logits_to_keep=1 if captured else T - 1,
+            output_hidden_states=not captured,
+        )
+    states = captured["states"] if captured else out.hidden_states[-1]  # [f, T-1, D]
+    rest = chunked_head_logps(lm_head(model), states, ids[:, 1:], forced.temperature, forced.chunk_size)[0]
+    return torch.cat([first, rest], dim=1), kept  # [f, T]
 
 
 def decode_loop(
@@ -170,28 +304,57 @@ def decode_loop(
     top_k: int,
     greedy: bool,
     min_new_tokens: int,
+    compact: float | None = 0.25,
 ) -> Tensor:
-    """The token-by-token loop after a prefill: ``logits`` ``[n, V]`` predict the first new token."""
+    """The token-by-token loop after a prefill: ``logits`` ``[n, V]`` predict the first new token.
+
+    ``compact``: once at least this fraction of the rows still in the batch has finished, they are dropped from
+    it (their KV cache rows included), so that the steps after cost only the rows still writing; ``None`` keeps
+    every row to the end. The tokens are the same either way: each step draws one uniform number per original
+    row (:func:`next_tokens`), whether that row is still in the batch or not.
+
+    """
+    n = mask.shape[0]
     eos = torch.tensor(eos_ids, device=mask.device)
-    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)  # [n]
-    positions = last_position  # [n, 1]
-    tokens = []
+    out = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=mask.device)  # [n, T]
+    rows = torch.arange(n, device=mask.device)  # [a] the original row of each row still in the batch
+    done = torch.zeros(n, dtype=torch.bool, device=mask.device)  # [a]
+    positions = last_position  # [a, 1]
+    steps = 0
     for t in range(max_new_tokens):
         if t < min_new_tokens:
             logits = logits.index_fill(-1, eos, float("-inf"))
-        nxt = next_tokens(logits, temperature, top_p, top_k, greedy)  # [n]
+        uniform = None if greedy else torch.rand(n, device=mask.device)[rows]  # [a], one draw per original row
+        nxt = next_tokens(logits, temperature, top_p, top_k, greedy, uniform)  # [a]
         nxt = nxt.masked_fill(done, pad_id)
-        tokens.append(nxt)
+        out[rows, t] = nxt
+        steps = t + 1
         done = done | torch.isin(nxt, eos)
         if done.all():
             break
-        mask = torch.cat([mask, (~done).long().unsqueeze(1) | 1], dim=1)  # [n, P+t+1]
-        positions = positions + 1  # [n, 1]
-        out = model(
+        if compact is not None and int(done.sum()) >= compact * done.numel():
+            keep = (~done).nonzero().squeeze(1)  # [a']
+            select_cache_rows(cache, keep)
+            mask, positions, nxt, rows, done = mask[keep], positions[keep], nxt[keep], rows[keep], done[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # [a, P+t+1]
+        positions = positions + 1  # [a, 1]
+        out_t = model(
             input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         )
-        logits = out.logits[:, -1]  # [n, V]
-    return torch.stack(tokens, dim=1)  # [n, T]
+        logits = out_t.logits[:, -1]  # [a, V]
+    return out[:, :steps]  # [n, T]
+
+
+def select_cache_rows(cache, rows: Tensor) -> None:
+    """Keep only the batch ``rows`` (``[a]`` indices) of every layer of a ``DynamicCache``, preallocated or not."""
+    for layer in cache.layers:
+        if hasattr(layer, "key_buffer"):
+            layer.key_buffer = layer.key_buffer.index_select(0, rows)
+            layer.value_buffer = layer.value_buffer.index_select(0, rows)
+            layer.keys = layer.key_buffer[..., : layer.length, :]
+            layer.values = layer.value_buffer[..., : layer.length, :]
+        else:
+            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
 
 
 def preallocated_update(layer, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:

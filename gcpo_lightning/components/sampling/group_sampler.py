@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from gcpo_lightning.components.sampling.backends import Decoding, GenerationBackend, KVCacheLoop
+from gcpo_lightning.components.sampling.decoding import Forced
 from gcpo_lightning.components.scoring.logprobs import score_in_batches
 from gcpo_lightning.components.scoring.prefix_sharing import common_prefix_length
-from gcpo_lightning.interfaces.containers import PolicyModels, Rollout
+from gcpo_lightning.interfaces.containers import PolicyModels, PromptCache, Rollout, cat_prompt_caches
 from gcpo_lightning.interfaces.protocols import Sampler
 
 
@@ -76,6 +77,8 @@ class GroupSampler(Sampler):
         num_generations: int,
         greedy: bool = False,
         score: bool = True,
+        continuations: list[list[int]] | None = None,
+        keep_cache: list[int] | None = None,
     ) -> Rollout:
         """As :meth:`sample` over the prompts of ``groups`` flattened, encoding each group's shared prefix once.
 
@@ -84,8 +87,16 @@ class GroupSampler(Sampler):
         and its cache copied to the group's ``len(group) * num_generations`` rows. Same result as :meth:`sample`
         on the flattened list, up to float rounding (tests/component/test_gcpo_cost.py); other backends (e.g.
         ``HFGenerate``, or a server with its own prefix cache) receive the flattened prompts unchanged.
+
+        ``continuations`` (one token list per flattened prompt) are scored teacher-forced after their prompt on
+        the same KV cache, before decoding: ``Rollout.continuation_logps`` ``[prompts, T]``, temperature applied
+        (GCPO's ``p(y_i | x_{i,l})`` without a second pass over ``x_{i,l}``). ``keep_cache`` (ascending indices
+        of flattened prompts with a continuation) returns those prompts' KV cache in ``Rollout.prompt_cache``.
+        Both are left ``None`` by backends that cannot (the caller then computes them itself).
         """
         flat = [p for group in groups for p in group]
+        if continuations is not None and len(continuations) != len(flat):
+            raise ValueError(f"sample_shared: {len(continuations)} continuations for {len(flat)} prompts")
         if not hasattr(self.backend, "generate_shared"):
             return self.sample(models, flat, num_generations, greedy, score)
         prompt_ids, prompt_mask = self._encode(models, flat, num_generations)
@@ -93,12 +104,21 @@ class GroupSampler(Sampler):
         policy, was_training = models.policy, models.policy.training
         policy.eval()
         try:
-            completion_ids = self._generate_shared(
-                models, prompt_ids, prompt_mask, [len(g) for g in groups], num_generations, greedy
+            completion_ids, forced_logps, cache = self._generate_shared(
+                models,
+                prompt_ids,
+                prompt_mask,
+                [len(g) for g in groups],
+                num_generations,
+                greedy,
+                continuations,
+                keep_cache,
             )
         finally:
             policy.train(was_training)
-        return self._rollout(models, flat, prompt_ids, prompt_mask, completion_ids, num_generations, start, score)
+        rollout = self._rollout(models, flat, prompt_ids, prompt_mask, completion_ids, num_generations, start, score)
+        rollout.continuation_logps, rollout.prompt_cache = forced_logps, cache
+        return rollout
 
     def _encode(self, models: PolicyModels, prompts: list[str], num_generations: int) -> tuple[Tensor, Tensor]:
         """Left-padded prompt ids and mask, each row repeated ``num_generations`` times.  ``[N, P]`` twice."""
@@ -140,28 +160,68 @@ class GroupSampler(Sampler):
         return rollout
 
     def _generate_shared(
-        self, models: PolicyModels, prompt_ids: Tensor, prompt_mask: Tensor, sizes: list[int], K: int, greedy: bool
-    ) -> Tensor:
+        self,
+        models: PolicyModels,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        sizes: list[int],
+        K: int,
+        greedy: bool,
+        continuations: list[list[int]] | None = None,
+        keep_cache: list[int] | None = None,
+    ) -> tuple[Tensor, Tensor | None, PromptCache | None]:
         """Completions ``[N, T]`` of rows grouped by shared prefix: ``sizes[g] * K`` consecutive rows per group,
-        at most ``generation_batch_size`` rows per call (whole groups)."""
+        at most ``generation_batch_size`` rows per call (whole groups); the continuations' log-probs and the kept
+        prompts' KV cache."""
         rows_of = [s * K for s in sizes]
         step = self.generation_batch_size or sum(rows_of)
-        chunks, first, g = [], 0, 0
+        keep = set(keep_cache or [])
+        chunks, scored, caches, first, g, prompt = [], [], [], 0, 0, 0
         while g < len(sizes):
             last, n = g, 0
             while last < len(sizes) and (n == 0 or n + rows_of[last] <= step):
                 n += rows_of[last]
                 last += 1
             rows = slice(first, first + n)
-            chunks.append(
-                self._generate_shared_chunk(models, prompt_ids[rows], prompt_mask[rows], rows_of[g:last], greedy)
+            count = sum(sizes[g:last])  # prompts in this chunk
+            forced = None
+            if continuations is not None:
+                kept = [p - prompt for p in range(prompt, prompt + count) if p in keep]
+                forced = self._forced(models, continuations[prompt : prompt + count], K, kept if keep else None)
+            tokens, out = self._generate_shared_chunk(
+                models, prompt_ids[rows], prompt_mask[rows], rows_of[g:last], greedy, forced
             )
-            first, g = first + n, last
-        return pad_cat(chunks, models.tokenizer.pad_token_id)
+            chunks.append(tokens)
+            if out is not None:
+                scored.append(out[0])
+                if out[1] is not None:
+                    caches.append(out[1])
+            first, g, prompt = first + n, last, prompt + count
+        forced_logps = pad_cat(scored, 0) if scored else None
+        return (
+            pad_cat(chunks, models.tokenizer.pad_token_id),
+            forced_logps,
+            cat_prompt_caches(caches) if caches else None,
+        )
+
+    def _forced(self, models: PolicyModels, continuations: list[list[int]], K: int, keep: list[int] | None) -> Forced:
+        """The continuations of a chunk's prompts, scored after the first of each prompt's ``K`` rows."""
+        device = next(models.policy.parameters()).device
+        longest = max(1, max(len(c) for c in continuations))
+        ids = torch.full((len(continuations), longest), models.tokenizer.pad_token_id, dtype=torch.long)
+        for r, c in enumerate(continuations):
+            ids[r, : len(c)] = torch.tensor(c, dtype=torch.long)
+        return Forced(
+            rows=torch.arange(len(continuations), device=device) * K,
+            ids=ids.to(device),
+            temperature=models.temperature,
+            chunk_size=models.logits_chunk_size or 16,
+            keep=None if keep is None else torch.tensor(keep, dtype=torch.long, device=device),
+        )
 
     def _generate_shared_chunk(
-        self, models: PolicyModels, ids: Tensor, mask: Tensor, rows_of: list[int], greedy: bool
-    ) -> Tensor:
+        self, models: PolicyModels, ids: Tensor, mask: Tensor, rows_of: list[int], greedy: bool, forced: Forced | None
+    ) -> tuple[Tensor, tuple[Tensor, PromptCache | None] | None]:
         device, pad = ids.device, models.tokenizer.pad_token_id
         seqs = [row[m.bool()].tolist() for row, m in zip(ids, mask)]  # real tokens of every row
         owner = torch.arange(len(rows_of), device=device).repeat_interleave(torch.tensor(rows_of, device=device))
@@ -176,7 +236,14 @@ class GroupSampler(Sampler):
         suffix_ids, suffix_mask = left_pad(suffixes, pad, device)
         backend: Any = self.backend  # a backend with generate_shared (checked by sample_shared)
         return backend.generate_shared(
-            models.policy, prefix_ids, prefix_mask, suffix_ids, suffix_mask, owner, self._decoding(models, greedy)
+            models.policy,
+            prefix_ids,
+            prefix_mask,
+            suffix_ids,
+            suffix_mask,
+            owner,
+            self._decoding(models, greedy),
+            forced=forced,
         )
 
     def _generate(self, models: PolicyModels, prompt_ids: Tensor, prompt_mask: Tensor, greedy: bool) -> Tensor:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from gcpo_lightning.interfaces.containers import Scores, require
+from gcpo_lightning.interfaces.containers import PromptCache, Scores, require
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -247,26 +247,55 @@ def score_after_frozen_prefix(
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache()
-    positions = position_ids_from_mask(torch.cat([prefix_mask, completion_mask], dim=1))  # [N, P+T]
-    P, T = prefix_ids.shape[1], completion_ids.shape[1]
+    cache: Any = DynamicCache()
+    positions = position_ids_from_mask(prefix_mask)  # [N, P]
     with torch.no_grad():
         model(
             input_ids=prefix_ids[:, :-1],
             attention_mask=prefix_mask[:, :-1],
-            position_ids=positions[:, : P - 1],
+            position_ids=positions[:, :-1],
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-    inputs = torch.cat([prefix_ids[:, -1:], completion_ids[:, :-1]], dim=1)  # [N, T]: position t predicts y_t
-    mask = torch.cat([prefix_mask, completion_mask[:, :-1]], dim=1)  # [N, P+T-1]
+    prompt = PromptCache(
+        keys=[layer.keys for layer in cache.layers],
+        values=[layer.values for layer in cache.layers],
+        mask=prefix_mask[:, :-1],
+        last_token=prefix_ids[:, -1],
+        last_position=positions[:, -1],
+    )
+    return score_after_cache(model, prompt, completion_ids, completion_mask, temperature, logits_chunk_size)
+
+
+def score_after_cache(
+    model: nn.Module,
+    prompt: PromptCache,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    logits_chunk_size: int | None = None,
+) -> Tensor:
+    """``log p(y_t | prompt, y_<t)`` with the prompt (but its last token) given as a KV cache made without gradient.
+
+    The gradient pass covers ``[last prompt token | y[:-1]]`` attending to the cache (which is not modified, so it
+    can serve several passes). Returns ``[N, T]`` fp32 log-probs, with gradient when grad is enabled.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (keys, values) in enumerate(zip(prompt.keys, prompt.values)):
+        cache.update(keys, values, i)
+    T = completion_ids.shape[1]
+    inputs = torch.cat([prompt.last_token.unsqueeze(1), completion_ids[:, :-1]], dim=1)  # [N, T]: t predicts y_t
+    mask = torch.cat([prompt.mask, prompt.mask.new_ones(prompt.mask.shape[0], 1), completion_mask[:, :-1]], dim=1)
+    positions = prompt.last_position.unsqueeze(1) + torch.arange(T, device=inputs.device)  # [N, T]
     chunked = logits_chunk_size is not None
     with final_states(model, enabled=chunked) as captured:
         out = model(
             input_ids=inputs,
             attention_mask=mask,
-            position_ids=positions[:, P - 1 : P + T - 1],
+            position_ids=positions,
             cache=cache,
             use_cache=True,
             logits_to_keep=1 if chunked and captured else T,
