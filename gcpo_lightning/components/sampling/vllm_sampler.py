@@ -442,6 +442,8 @@ def import_vllm() -> Any:
         import vllm  # type: ignore[import-not-found]
     except ImportError as err:
         raise ImportError(MISSING_VLLM) from err
-    if not hasattr(vllm, "LLM"):  # e.g. a folder named vllm on sys.path (tests/vllm under pytest) without vLLM
+    if not hasattr(
+        vllm, "LLM"
+    ):  # e.g. a folder named vllm on sys.path (e.g. a tests folder named vllm under pytest) without vLLM
         raise ImportError(MISSING_VLLM)
     return vllm

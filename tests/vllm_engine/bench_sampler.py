@@ -1,4 +1,4 @@
-"""Tokens/s of a sampler on tiny-arith (or any model folder): ``python tests/vllm/bench_sampler.py {vllm,group}``.
+"""Tokens/s of a sampler on tiny-arith (or a model folder): ``python tests/vllm_engine/bench_sampler.py {vllm,group}``.
 
 Not a test (pytest does not collect it). ``group`` (the kit's KVCacheLoop) runs in ``.venv``: in ``.venv-vllm``
 transformers < 5.20 ignores the loop's ``cache=`` keyword. ``vllm`` runs in ``.venv-vllm``. Generation time only
