@@ -8,7 +8,8 @@ The package is layered (``docs/architecture.md``); each layer imports only the l
 - ``components`` (one subpackage per slot), ``rewards``: the swappable parts of a step;
 - ``policy``: loading, LoRA, 4-bit quantization, FSDP2 sharding of the models;
 - ``interfaces``: the typed containers and Protocols the components exchange;
-- ``functional``: the paper's maths as pure tensor functions (imports only torch).
+- ``functional``: the paper's maths as pure tensor functions (imports only torch);
+- ``reporting``: the ``report`` command, plots and a summary of finished runs (no torch, no Lightning).
 
 The public names below are imported lazily, so ``import gcpo_lightning`` is cheap and importing one layer never
 pulls in the layers above it.
