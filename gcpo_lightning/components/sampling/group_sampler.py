@@ -122,11 +122,7 @@ class GroupSampler(Sampler):
 
     def _encode(self, models: PolicyModels, prompts: list[str], num_generations: int) -> tuple[Tensor, Tensor]:
         """Left-padded prompt ids and mask, each row repeated ``num_generations`` times.  ``[N, P]`` twice."""
-        enc = models.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        device = next(models.policy.parameters()).device
-        prompt_ids = enc["input_ids"].to(device).repeat_interleave(num_generations, dim=0)  # [N, P]
-        prompt_mask = enc["attention_mask"].to(device).repeat_interleave(num_generations, dim=0)  # [N, P]
-        return prompt_ids, prompt_mask
+        return encode_prompts(models.tokenizer, prompts, num_generations, next(models.policy.parameters()).device)
 
     def _rollout(
         self,
@@ -139,19 +135,9 @@ class GroupSampler(Sampler):
         start: float,
         score: bool,
     ) -> Rollout:
-        tok = models.tokenizer
         generated = time.perf_counter()
-        completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids(tok))
-        completion_ids = completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id)
-        rollout = Rollout(
-            prompts=list(prompts),
-            completions=tok.batch_decode(completion_ids, skip_special_tokens=True),
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            completion_ids=completion_ids,
-            completion_mask=completion_mask,
-            group_size=num_generations,
-            truncated=truncated,
+        rollout = rollout_from_tokens(
+            models.tokenizer, prompts, prompt_ids, prompt_mask, completion_ids, num_generations
         )
         rollout.metrics["timing/generation"] = generated - start
         if score:
@@ -278,20 +264,50 @@ class GroupSampler(Sampler):
         )
 
     def _score(self, models: PolicyModels, rollout: Rollout) -> None:
-        """Fill ``old_logps`` and ``hidden`` with no-grad forward passes of ``score_batch_size`` rows."""
-        scores = score_in_batches(
-            models.policy,
-            rollout.prompt_ids,
-            rollout.prompt_mask,
-            rollout.completion_ids,
-            rollout.completion_mask,
-            models.temperature,
-            True,
-            self.score_batch_size,
-            models.logits_chunk_size,
-        )
-        rollout.old_logps = scores.logps  # [N, T]
-        rollout.hidden = scores.hidden  # [N, D]
+        score_rollout(models, rollout, self.score_batch_size)
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str], G: int, device: Any) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids and mask, each row repeated ``G`` times.  ``[N, P]`` twice."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids = enc["input_ids"].to(device).repeat_interleave(G, dim=0)  # [N, P]
+    prompt_mask = enc["attention_mask"].to(device).repeat_interleave(G, dim=0)  # [N, P]
+    return prompt_ids, prompt_mask
+
+
+def rollout_from_tokens(
+    tokenizer: Any, prompts: list[str], prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, G: int
+) -> Rollout:
+    """A rollout from generated ``[N, T]`` tokens: masked after each row's first EOS, padded there, decoded."""
+    completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids(tokenizer))
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    return Rollout(
+        prompts=list(prompts),
+        completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        group_size=G,
+        truncated=truncated,
+    )
+
+
+def score_rollout(models: PolicyModels, rollout: Rollout, batch_size: int) -> None:
+    """Fill ``old_logps`` and ``hidden`` with the policy's no-grad forward passes of ``batch_size`` rows."""
+    scores = score_in_batches(
+        models.policy,
+        rollout.prompt_ids,
+        rollout.prompt_mask,
+        rollout.completion_ids,
+        rollout.completion_mask,
+        models.temperature,
+        True,
+        batch_size,
+        models.logits_chunk_size,
+    )
+    rollout.old_logps = scores.logps  # [N, T]
+    rollout.hidden = scores.hidden  # [N, D]
 
 
 def eos_ids(tokenizer) -> list[int]:

@@ -21,8 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gcpo_lightning.components.sampling.group_sampler import completion_mask_from_eos, eos_ids
-from gcpo_lightning.components.scoring.logprobs import score_in_batches
+from gcpo_lightning.components.sampling.group_sampler import (
+    encode_prompts,
+    eos_ids,
+    rollout_from_tokens,
+    score_rollout,
+)
 from gcpo_lightning.interfaces.containers import PolicyModels, Rollout
 from gcpo_lightning.interfaces.protocols import Sampler
 from gcpo_lightning.policy.lora import export_merged, is_lora, merged_state_dict
@@ -130,7 +134,9 @@ class VLLMSampler(Sampler):
         start = time.perf_counter()
         self.ensure_synced(models.policy)
         synced = time.perf_counter()
-        prompt_ids, prompt_mask = encode(models.tokenizer, prompts, num_generations, policy_device(models.policy))
+        prompt_ids, prompt_mask = encode_prompts(
+            models.tokenizer, prompts, num_generations, policy_device(models.policy)
+        )
         tokens, logps = self._generate(
             prompt_ids[::num_generations],
             prompt_mask[::num_generations],
@@ -242,36 +248,12 @@ class VLLMSampler(Sampler):
         G: int,
     ) -> Rollout:
         """The rollout with ``GroupSampler``'s conventions: right-padded completions, masked after the first EOS."""
-        tok = models.tokenizer
-        completion_ids = pad_rows(tokens, tok.pad_token_id).to(prompt_ids.device)  # [N, T]
-        completion_mask, truncated = completion_mask_from_eos(completion_ids, eos_ids(tok))
-        completion_ids = completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id)
-        return Rollout(
-            prompts=list(prompts),
-            completions=tok.batch_decode(completion_ids, skip_special_tokens=True),
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            completion_ids=completion_ids,
-            completion_mask=completion_mask,
-            group_size=G,
-            truncated=truncated,
-        )
+        completion_ids = pad_rows(tokens, models.tokenizer.pad_token_id).to(prompt_ids.device)  # [N, T]
+        return rollout_from_tokens(models.tokenizer, prompts, prompt_ids, prompt_mask, completion_ids, G)
 
     def _score(self, models: PolicyModels, rollout: Rollout) -> None:
         """Fill ``old_logps`` and ``hidden`` with the policy's no-grad forward passes (as ``GroupSampler``)."""
-        scores = score_in_batches(
-            models.policy,
-            rollout.prompt_ids,
-            rollout.prompt_mask,
-            rollout.completion_ids,
-            rollout.completion_mask,
-            models.temperature,
-            True,
-            self.score_batch_size,
-            models.logits_chunk_size,
-        )
-        rollout.old_logps = scores.logps  # [N, T]
-        rollout.hidden = scores.hidden  # [N, D]
+        score_rollout(models, rollout, self.score_batch_size)
 
     def _importance(self, rollout: Rollout) -> None:
         """Store the importance weights of ``old_logps`` against vLLM's, and log their statistics."""
@@ -334,14 +316,6 @@ def mismatch_metrics(old_logps: Tensor, sampler_logps: Tensor, mask: Tensor, wei
         "sampling/importance_sampling_ratio/mean": w.mean().item(),
         "sampling/importance_sampling_ratio/max": w.max().item(),
     }
-
-
-def encode(tokenizer: Any, prompts: list[str], G: int, device: Any) -> tuple[Tensor, Tensor]:
-    """Left-padded prompt ids and mask, each row repeated ``G`` times (as ``GroupSampler``).  ``[N, P]`` twice."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    prompt_ids = enc["input_ids"].to(device).repeat_interleave(G, dim=0)  # [N, P]
-    prompt_mask = enc["attention_mask"].to(device).repeat_interleave(G, dim=0)  # [N, P]
-    return prompt_ids, prompt_mask
 
 
 def pad_rows(rows: list[list[Any]], pad: float, width: int | None = None) -> Tensor:
