@@ -177,17 +177,18 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         metrics["timing/context_representation"] = time.perf_counter() - start
         metrics.update(throughput("context_representation", samples, metrics["timing/context_representation"]))
         N, D = rollout.completion_ids.shape[0], reps.shape[-1]
-        enc = models.tokenizer(flat, return_tensors="pt", padding=True, add_special_tokens=False)
         device = rollout.completion_ids.device
-        metrics["graph/context_tokens"] = float(enc["input_ids"].shape[1])
+        # the contexts as the sampler encoded them (each row repeated K times): no second tokenization
+        context_ids, context_mask = samples.prompt_ids[::K].to(device), samples.prompt_mask[::K].to(device)  # [N*M, Px]
+        metrics["graph/context_tokens"] = float(context_ids.shape[1])
         return CausalGraph(
             group_size=G,
             representations=rollout.hidden,
             integrated=integrated,
             context_prompts=contexts,
             context_representations=reps.view(N, M, K, D).mean(2),  # [N, M, D] Zbar_{i,l}
-            context_ids=enc["input_ids"].to(device).view(N, M, -1),  # [N, M, Px] left-padded x_{i,l}
-            context_mask=enc["attention_mask"].to(device).view(N, M, -1),  # [N, M, Px]
+            context_ids=context_ids.view(N, M, -1),  # [N, M, Px] left-padded x_{i,l}
+            context_mask=context_mask.view(N, M, -1),  # [N, M, Px]
             context_samples=samples.completions,  # [N*M*K] O_{i,l,k}
             context_logps=self.context_logps(samples, N, M, rollout.completion_ids.shape[1]),  # [N, M, T] or None
             context_cache=samples.prompt_cache,  # [N] x_{i,0}'s KV cache, or None

@@ -44,12 +44,7 @@ class GroupSampler(Sampler):
         min_new_tokens: int = 0,
         backend: GenerationBackend | None = None,
     ) -> None:
-        if temperature < 0:
-            raise ValueError(f"GroupSampler: temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"GroupSampler: top_p must be in (0, 1], got {top_p}")
-        if max_completion_length < 1:
-            raise ValueError(f"GroupSampler: max_completion_length must be >= 1, got {max_completion_length}")
+        check_sampling_settings("GroupSampler", temperature, top_p, max_completion_length)
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k
@@ -265,6 +260,16 @@ class GroupSampler(Sampler):
 
     def _score(self, models: PolicyModels, rollout: Rollout) -> None:
         score_rollout(models, rollout, self.score_batch_size)
+
+
+def check_sampling_settings(owner: str, temperature: float, top_p: float, max_completion_length: int) -> None:
+    """Raise a ``ValueError`` naming ``owner`` and the setting when a sampler's settings are out of range."""
+    if temperature < 0:
+        raise ValueError(f"{owner}: temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{owner}: top_p must be in (0, 1], got {top_p}")
+    if max_completion_length < 1:
+        raise ValueError(f"{owner}: max_completion_length must be >= 1, got {max_completion_length}")
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str], G: int, device: Any) -> tuple[Tensor, Tensor]:

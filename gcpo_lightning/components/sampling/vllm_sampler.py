@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from gcpo_lightning.components.sampling.group_sampler import (
+    check_sampling_settings,
     encode_prompts,
     eos_ids,
     rollout_from_tokens,
@@ -99,12 +100,7 @@ class VLLMSampler(Sampler):
         seed: int | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if temperature < 0:
-            raise ValueError(f"VLLMSampler: temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"VLLMSampler: top_p must be in (0, 1], got {top_p}")
-        if max_completion_length < 1:
-            raise ValueError(f"VLLMSampler: max_completion_length must be >= 1, got {max_completion_length}")
+        check_sampling_settings("VLLMSampler", temperature, top_p, max_completion_length)
         if importance_sampling_mode not in IS_MODES:
             raise ValueError(f"VLLMSampler: importance_sampling_mode must be one of {IS_MODES}")
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
