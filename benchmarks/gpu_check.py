@@ -1,20 +1,25 @@
 """Exercise the CUDA paths and print what was checked, with measured numbers.
 
     python benchmarks/gpu_check.py [--vocab 32000] [--tokens 1024]
-    python benchmarks/gpu_check.py --cpu      # dry run of checks 1-3 on the CPU (to catch script errors first)
+    python benchmarks/gpu_check.py --cpu      # dry run of checks 1-3 and 5 on the CPU (to catch script errors first)
 
 Checks, each printed as PASS/FAIL with its numbers:
 1. bf16-mixed GCPO steps on the shipped tiny model (``tiny-arith``), step time;
 2. a 4-bit NF4 reference on CUDA: 4-bit layer count, weight memory vs bf16, log-prob gap to bf16;
 3. FSDP2 (``ModelParallelStrategy``) on one GPU with a 4-bit reference, bf16 all-gathers;
 4. chunked log-probs: peak CUDA memory of one scoring forward+backward with and without ``logits_chunk_size`` on a
-   large-vocabulary random Llama, and the largest log-prob difference.
+   large-vocabulary random Llama, and the largest log-prob difference;
+5. the static KV cache (``StaticCacheLoop``): tokens/s of ``KVCacheLoop``, the static loop and the static loop
+   compiled with CUDA graphs, on the shipped model and a random Llama of hidden 512 x 8 layers, 64 rows x
+   ``--decode-tokens`` tokens; the compiled loop must give ``KVCacheLoop``'s greedy tokens (on ``--cpu``: not compiled).
+   ``benchmarks/sampler_speed.py`` compares the samplers (HF generate and vLLM too) on real workloads.
 Nothing is downloaded: models are the shipped one or random ones built here.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import save_tiny_llama  # noqa: E402
@@ -35,6 +41,12 @@ from gcpo_lightning import (  # noqa: E402
     ColliderGraphBuilder,
     GCPOModule,
     GroupSampler,
+)
+from gcpo_lightning.components.sampling.backends import (  # noqa: E402
+    Decoding,
+    GenerationBackend,
+    KVCacheLoop,
+    StaticCacheLoop,
 )
 from gcpo_lightning.components.scoring.logprobs import score_completions  # noqa: E402
 from gcpo_lightning.policy.builder import PolicyBuilder  # noqa: E402
@@ -88,11 +100,27 @@ def fit(module: GCPOModule, steps: int = 3, **trainer_kwargs) -> tuple[L.Trainer
     return trainer, (time.perf_counter() - start) / steps
 
 
+def decode_rate(backend: GenerationBackend, model, ids, mask, d: Decoding, calls: int = 3) -> tuple[float, Tensor]:
+    """Tokens per second of ``backend`` (median of ``calls`` after one warm-up call) and its last tokens."""
+    rates = []
+    for i in range(calls + 1):
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        tokens = backend.generate(model, ids, mask, d)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        if i:  # the first call compiles (and captures the CUDA graph)
+            rates.append(tokens.numel() / (time.perf_counter() - start))
+    return statistics.median(rates), tokens
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--tokens", type=int, default=1024, help="completion tokens per row in check 4")
-    parser.add_argument("--cpu", action="store_true", help="dry run of checks 1-3 on the CPU")
+    parser.add_argument("--decode-tokens", type=int, default=128, help="new tokens per row in check 5")
+    parser.add_argument("--cpu", action="store_true", help="dry run of checks 1-3 and 5 on the CPU")
     args = parser.parse_args()
     global ACCELERATOR
     ACCELERATOR = "cpu" if args.cpu else "gpu"
@@ -176,6 +204,31 @@ def main() -> None:
             f"vocab {args.vocab}, {n}x{t} tokens: peak {peaks[None]:.0f} MiB unchunked vs {peaks[1]:.0f} MiB "
             f"chunked, max |dlogp| {diff:.2e}"
         )
+
+    @check("static KV cache, compiled decode step")
+    def _() -> str:
+        from gcpo_lightning.policy.loading import ASSETS, load_causal_lm, load_tokenizer
+
+        tok = load_tokenizer(str(ASSETS / "tiny-arith"))
+        ids = tok(["Problem: 3+4-5+2+8\nSolution:"] * 64, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        ids = ids.to(device)
+        T = args.decode_tokens
+        d = Decoding(T, [tok.eos_token_id], tok.pad_token_id, 1.0, 1.0, 0, greedy=True, min_new_tokens=T)
+        backends = {"KVCacheLoop": KVCacheLoop(), "static": StaticCacheLoop(compile=False)}
+        if not args.cpu:
+            backends["static+compile"] = StaticCacheLoop(compile=True)
+        lines = []
+        for name, path in (
+            ("tiny-arith", ASSETS / "tiny-arith"),
+            ("llama 512x8", save_tiny_llama(tmp / "dec", 0, 512, 8)),
+        ):
+            model = load_causal_lm(str(path)).to(device).eval()
+            rates, tokens = {}, {}
+            for label, backend in backends.items():
+                rates[label], tokens[label] = decode_rate(backend, model, ids, torch.ones_like(ids), d)
+            assert all(torch.equal(t, tokens["KVCacheLoop"]) for t in tokens.values()), f"{name}: tokens differ"
+            lines.append(f"{name}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in rates.items()))
+        return f"64 x {T} tokens, same greedy tokens; " + "; ".join(lines)
 
     print("\n" + "\n".join(f"{'PASS' if ok else 'FAIL'}  {name}: {msg}" for name, ok, msg in RESULTS))
     sys.exit(0 if all(ok for _, ok, _ in RESULTS) else 1)

@@ -30,6 +30,7 @@ _PUBLIC: dict[str, str] = {
     "Gaussian": "components.adjusters.similarity",
     "KVCacheLoop": "components.sampling.backends",
     "HFGenerate": "components.sampling.backends",
+    "StaticCacheLoop": "components.sampling.backends",
     "Advantages": "interfaces.containers",
     "ArithmeticDataModule": "data.datamodules",
     "CausalAdvantage": "components.adjusters.causal",
@@ -86,7 +87,7 @@ if TYPE_CHECKING:
     from gcpo_lightning.components.graphs.independent import IndependentResponses
     from gcpo_lightning.components.penalties.causal_kl import CausalProjectedKL
     from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
-    from gcpo_lightning.components.sampling.backends import HFGenerate, KVCacheLoop
+    from gcpo_lightning.components.sampling.backends import HFGenerate, KVCacheLoop, StaticCacheLoop
     from gcpo_lightning.components.sampling.group_sampler import GroupSampler
     from gcpo_lightning.data.datamodules import ArithmeticDataModule, HFPromptDataModule, WordProblemDataModule
     from gcpo_lightning.interfaces.containers import Advantages, CausalGraph, Penalty, PolicyModels, Rollout, Scores

@@ -4,6 +4,7 @@ Nothing is downloaded: models are built in-process and loaded through the real `
 
 * ``tiny_model_dir``: a tiny random Llama with the character tokenizer, saved once per session;
   ``make_tiny_llama``: the factory behind it (other sizes and seeds).
+* ``own_random_stream``: for tests that seed torch's generator (``pytest.mark.usefixtures``).
 * ``make_module`` / ``fit`` / ``logged_rows``: a ``GCPOModule`` with small defaults, a short ``Trainer.fit`` with a
   CSV logger, and the rows that logger wrote.
 * ``run_fit`` / ``fit_metrics`` / ``fit_script``: ``tests/support/distributed_fit.py`` run as its own process (one
@@ -77,6 +78,13 @@ def make_tiny_llama() -> Callable[..., Path]:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a tiny random Llama (hidden 32, 2 layers) with the char tokenizer."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def own_random_stream():
+    """Fork torch's random state around a test that seeds it, so later tests see the stream they would without it."""
+    with torch.random.fork_rng():
+        yield
 
 
 # ----- a GCPOModule and a short fit, in-process ---------------------------------------------------------------

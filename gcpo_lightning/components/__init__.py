@@ -11,7 +11,7 @@ from gcpo_lightning.components.graphs.collider import ColliderGraphBuilder
 from gcpo_lightning.components.graphs.independent import IndependentResponses
 from gcpo_lightning.components.penalties.causal_kl import CausalProjectedKL
 from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
-from gcpo_lightning.components.sampling.backends import GenerationBackend, HFGenerate, KVCacheLoop
+from gcpo_lightning.components.sampling.backends import GenerationBackend, HFGenerate, KVCacheLoop, StaticCacheLoop
 from gcpo_lightning.components.sampling.group_sampler import GroupSampler
 from gcpo_lightning.components.sampling.vllm_sampler import VLLMSampler
 
@@ -33,6 +33,7 @@ __all__ = [
     "ReferenceKL",
     "SequenceMean",
     "Similarity",
+    "StaticCacheLoop",
     "TokenMean",
     "VLLMSampler",
 ]

@@ -20,12 +20,7 @@ from gcpo_lightning.components.sampling.decoding import decode, decode_shared_pr
 from gcpo_lightning.components.sampling.group_sampler import completion_mask_from_eos
 from gcpo_lightning.policy.loading import ASSETS, load_causal_lm, load_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _own_random_stream():
-    """These tests seed torch's generator; fork it so that later tests see the stream they would without them."""
-    with torch.random.fork_rng():
-        yield
+pytestmark = pytest.mark.usefixtures("own_random_stream")  # these tests seed torch's generator
 
 
 def _model(model_dir):

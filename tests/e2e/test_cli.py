@@ -23,8 +23,9 @@ def assert_matches(obj: object, expected: object, where: str) -> None:
     """``obj`` is what the YAML ``expected`` describes: the class ``class_path`` names, with every scalar init arg
     (components keep each ``__init__`` argument under its own name); a string naming a class (``backend:
     KVCacheLoop``) or a mapping of settings (``lora: {r: 16}``) is compared with the object the CLI built from it."""
-    if isinstance(expected, dict) and "class_path" in expected:
-        assert type(obj).__name__ == expected["class_path"].rsplit(".", 1)[-1], where
+    if isinstance(expected, dict) and ("class_path" in expected or "init_args" in expected):  # an overlay: init_args
+        if "class_path" in expected:
+            assert type(obj).__name__ == expected["class_path"].rsplit(".", 1)[-1], where
         expected = expected.get("init_args", {})
     if isinstance(expected, dict):
         for key, value in expected.items():
@@ -56,7 +57,8 @@ def test_every_overlay_composes_with_the_default(overlay):
     """The overlay's settings reach the built objects, and the base config's other settings stay."""
     spec = yaml.safe_load(overlay.read_text())
     cli = main(["--config", "configs/gcpo.yaml", "--config", str(overlay), *ON_CPU], run=False)
-    assert_matches(cli.model.policy_builder, spec["model"]["policy_builder"], "policy_builder")
+    for slot, expected in spec["model"].items():
+        assert_matches(getattr(cli.model, slot), expected, slot)
     if "strategy" in spec.get("trainer", {}):
         assert_matches(cli.trainer.strategy, {"class_path": spec["trainer"]["strategy"]["class_path"]}, "strategy")
     if "precision" in spec.get("trainer", {}):

@@ -1,4 +1,5 @@
-"""CUDA paths: bf16 autocast, a 4-bit reference on the GPU, FSDP2 on one GPU. Skipped cleanly without CUDA.
+"""CUDA paths: bf16 autocast, a 4-bit reference on the GPU, FSDP2 on one GPU, the static KV cache's decode step
+compiled with CUDA graphs. Skipped cleanly without CUDA.
 
 ``benchmarks/gpu_check.py`` runs the same paths at a larger size and prints measured memory and timings.
 """
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from gcpo_lightning import ArithmeticDataModule
+from gcpo_lightning.components.sampling.backends import Decoding, KVCacheLoop, StaticCacheLoop
+from gcpo_lightning.policy.loading import ASSETS, load_causal_lm, load_tokenizer
 from gcpo_lightning.policy.quantization import QuantizationConfig, count_4bit_linears
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -55,3 +58,36 @@ def test_fsdp2_on_one_gpu(make_module, tiny_model_dir):
     trainer = fit_on_gpu(module, strategy=strategy)
     assert any(type(p).__name__ == "DTensor" for p in module.policy.parameters())
     assert torch.isfinite(trainer.logged_metrics["loss"])
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_static_cache_compiled_with_cuda_graphs_gives_the_loops_tokens(greedy):
+    """``StaticCacheLoop``'s step compiled by inductor with CUDA graphs (``compile: auto`` on CUDA) gives
+    ``KVCacheLoop``'s tokens, greedy and with the same seed, on the shipped model (EOS after solutions of different
+    lengths), also for a second, smaller call that reuses the cache and the captured graph."""
+    from torch._dynamo.utils import counters
+
+    model, tok = load_causal_lm(str(ASSETS / "tiny-arith")).cuda().eval(), load_tokenizer(str(ASSETS / "tiny-arith"))
+    prompts = ["Problem: 1+2\nSolution:", "Problem: 3+4-5+2+8\nSolution:", "Problem: 9-1\nSolution:"] * 8
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+    d = Decoding(
+        max_new_tokens=48,
+        eos_ids=[tok.eos_token_id],
+        pad_id=tok.pad_token_id,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        greedy=greedy,
+        min_new_tokens=0,
+    )
+    static = StaticCacheLoop()
+    assert static.compiles(model)
+    counters.clear()
+    for rows in (24, 10):
+        ids, mask = enc["input_ids"][:rows], enc["attention_mask"][:rows]
+        runs = []
+        for backend in (KVCacheLoop(), static):
+            torch.manual_seed(0)
+            runs.append(backend.generate(model, ids, mask, d))
+        assert torch.equal(runs[0], runs[1]), rows
+    assert static._buffers.rows == 24 and not counters["inductor"]["cudagraph_skips"]

@@ -76,26 +76,15 @@ def decode(
     Returns:
         ``[n, T]`` completion tokens (``T <= max_new_tokens``), ``pad_id`` after a row's EOS.
     """
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    positions = position_ids_from_mask(prompt_mask)  # [n, P]
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    logits, cache, last_position = prefill(model, prompt_ids, prompt_mask)
     if preallocate:
         preallocate_cache(cache, max_new_tokens)
     return decode_loop(
         model,
-        out.logits[:, -1],
+        logits,
         cache,
         prompt_mask,
-        positions[:, -1:],
+        last_position,
         max_new_tokens,
         eos_ids,
         pad_id,
@@ -165,19 +154,7 @@ def decode_shared_prefix(
     logits, cache, mask, positions = prefill_shared(
         model, prefix_ids, prefix_mask, suffix_ids, suffix_mask, owner, max_new_tokens
     )
-    scored = None
-    if forced is not None:
-        rows = forced.rows
-        scored = score_forced(
-            model,
-            [layer.keys.index_select(0, rows) for layer in cache.layers],
-            [layer.values.index_select(0, rows) for layer in cache.layers],
-            mask[rows],
-            positions[rows],
-            suffix_ids[rows, -1],
-            logits[rows],
-            forced,
-        )
+    scored = None if forced is None else score_forced_rows(model, cache, logits, mask, positions, suffix_ids, forced)
     tokens = decode_loop(
         model,
         logits,
@@ -195,6 +172,45 @@ def decode_shared_prefix(
         compact,
     )
     return tokens, scored
+
+
+def prefill(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor):
+    """One forward pass over left-padded prompts into a new ``DynamicCache``.
+
+    Returns ``(logits [n, V] predicting each row's first new token, the filled cache, the last position [n, 1])``.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    positions = position_ids_from_mask(prompt_mask)  # [n, P]
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1], cache, positions[:, -1:]
+
+
+def score_forced_rows(
+    model: nn.Module, cache, logits: Tensor, mask: Tensor, positions: Tensor, suffix_ids: Tensor, forced: Forced
+) -> tuple[Tensor, PromptCache | None]:
+    """:func:`score_forced` on a copy of the prefilled rows ``forced.rows`` of ``cache`` (the decode goes on from
+    the original): ``logits`` ``[n, V]``, ``mask`` ``[n, L]``, ``positions`` ``[n, 1]`` and ``suffix_ids``
+    ``[n, Ls]`` are :func:`prefill_shared`'s."""
+    rows = forced.rows
+    return score_forced(
+        model,
+        [layer.keys.index_select(0, rows) for layer in cache.layers],
+        [layer.values.index_select(0, rows) for layer in cache.layers],
+        mask[rows],
+        positions[rows],
+        suffix_ids[rows, -1],
+        logits[rows],
+        forced,
+    )
 
 
 def prefill_shared(
