@@ -14,7 +14,9 @@ What it does:
        - integration: ``INTEGRATION_TEMPLATE`` with 2..8 noisy candidates (teacher mistakes plus random
          slips, like the model's own samples) -> the correct worked solution;
        - context: ``CONTEXT_TEMPLATE`` (other candidates + one combined solution) -> a teacher worked
-         solution (same distribution as single).
+         solution (same distribution as single, ``--context-target teacher``: the context is ignored), or
+         (``--context-target follow``) a copy of the combined solution when the other candidates support its
+         answer (``--agreement``), a teacher solution otherwise: the model learns to read its context.
 
     3. Every ``--eval-every`` steps measures, on ``--eval-n`` held-out questions (the first questions of
        ``ArithmeticTask().heldout(n, seed=1234)``; the first ``--exclude-n`` of them are never trained on),
@@ -31,9 +33,9 @@ What it does:
        answer (``INTEGRATION_TEMPLATE`` over the 8 candidates).
     6. Saves the model (safetensors), tokenizer, generation config and ``training_info.json`` to ``--out``.
 
-Command (reproduces the shipped weights; about 9 minutes on a busy 2-core CPU, early-stopped at step 1000)::
-
-    python scripts/pretrain_tiny_model.py --seed 0 --threads 1 --out gcpo_lightning/assets/tiny-arith
+The shipped weights were made in five stages (stages 1-3 with the defaults, then ``--context-target follow``);
+the commands are in ``docs/embedded_model.md`` and in ``training_info.json``'s ``lineage``. About 30 minutes in
+all on a 2-core CPU.
 
 ``--threads 1`` was used because the machine was shared: with other processes on the 2 cores, 2 OpenMP
 threads ran ~10x slower per step (barrier spinning) than 1 thread. On an idle machine ``--threads 2`` (the
@@ -109,6 +111,24 @@ def noisy_candidate(
     return f" {','.join(out)}. Answer: {total}"
 
 
+def tally(cands: list[str]) -> str:
+    """An integration that counts votes: every candidate's answer in order, then the most common one (the first
+    seen on a tie), e.g. ``" Votes: 17,15,17. Answer: 17"``; candidates without an answer are left out."""
+    answers = [int(a) for a in map(extract_answer, cands) if a is not None]
+    if not answers:
+        return " Votes: none. Answer: 0"
+    counts = Counter(answers)
+    best = next(a for a in answers if counts[a] == max(counts.values()))
+    return f" Votes: {','.join(map(str, answers))}. Answer: {best}"
+
+
+def first_with_answer(cands: list[str], answer: str | None) -> str | None:
+    """The first candidate whose answer equals ``answer`` (as integers), or ``None``."""
+    if answer is None:
+        return None
+    return next((c for c in cands if extract_answer(c) is not None and int(extract_answer(c)) == int(answer)), None)
+
+
 def majority_candidate(cands: list[str]) -> str:
     """The first candidate whose final answer is the most common one (the group's consensus, copied)."""
     answers = [extract_answer(c) for c in cands]
@@ -117,6 +137,19 @@ def majority_candidate(cands: list[str]) -> str:
         return cands[0]
     best = max(counts.values())
     return next(c for c, a in zip(cands, answers) if a is not None and counts[a] == best)
+
+
+def agrees(solution: str, others: list[str], rule: str = "corroborated") -> bool:
+    """Whether the other candidates support ``solution``'s answer.
+
+    ``corroborated``: at least one of ``others`` gives the same answer. ``mode``: it is one of their most common
+    answers (a tie counts; stage 4 of the shipped model used this rule).
+    """
+    if rule == "corroborated":
+        return first_with_answer(others, extract_answer(solution)) is not None
+    counts = Counter(int(a) for a in map(extract_answer, others) if a is not None)
+    got = extract_answer(solution)
+    return got is not None and bool(counts) and counts[int(got)] == max(counts.values())
 
 
 @dataclass
@@ -159,14 +192,37 @@ class MixtureSampler:
         prompt = INTEGRATION_TEMPLATE.format(question=q, candidates=render_candidates(cands))
         if self.args.integration_target == "majority":
             return Example(prompt, majority_candidate(cands))
+        if self.args.integration_target == "tally":
+            return Example(prompt, tally(cands))
         return Example(prompt, self.task.worked_solution(q))
+
+    def combined(self, q: str, cands: list[str]) -> str:
+        """The combined solution shown in a context.
+
+        ``teacher`` (stages 1-3): the clean solution or a fresh noisy candidate, half and half. ``follow``: like
+        the collider's integrated outputs (``--integration-target``'s form over all the candidates) 60% of the
+        time, else a fresh noisy candidate (20%) or the clean solution (20%), so that it sometimes disagrees with
+        the other candidates.
+        """
+        if self.args.context_target == "teacher":
+            return self.task.worked_solution(q) if self.rng.random() < 0.5 else self.candidates(q, 1)[0]
+        u = self.rng.random()
+        if u < 0.6:
+            return tally(cands) if self.args.integration_target == "tally" else majority_candidate(cands)
+        return self.candidates(q, 1)[0] if u < 0.8 else self.task.worked_solution(q)
 
     def context(self) -> Example:
         q = self.question()
         cands = self.candidates(q, self.rng.randint(2, self.args.max_candidates))
         i = self.rng.randrange(len(cands))
-        integrated = self.task.worked_solution(q) if self.rng.random() < 0.5 else self.candidates(q, 1)[0]
+        integrated = self.combined(q, cands)
         prompt = CONTEXT_TEMPLATE.format(question=q, others=render_candidates(cands, skip=i), integrated=integrated)
+        others = cands[:i] + cands[i + 1 :]
+        if self.args.context_target == "follow" and agrees(integrated, others, self.args.agreement):
+            if self.args.integration_target != "tally":
+                return Example(prompt, integrated)  # a worked solution: follow it
+            # a vote count: follow its answer with a worked solution, the first other candidate that gives it
+            return Example(prompt, first_with_answer(others, extract_answer(integrated)) or integrated)
         return Example(prompt, self.teacher(q))
 
     def batch(self, fmt: str, size: int) -> list[Example]:
@@ -343,9 +399,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--integration-target",
-        choices=("clean", "majority"),
+        choices=("clean", "majority", "tally"),
         default="clean",
-        help="integration completions: the clean solution, or a copy of the majority-answer candidate",
+        help="integration completions: the clean solution, a copy of the majority-answer candidate, or a vote "
+        "count (every candidate's answer, then the most common one)",
+    )
+    p.add_argument(
+        "--context-target",
+        choices=("teacher", "follow"),
+        default="teacher",
+        help="context completions: a teacher solution (ignores the context), or a copy of the combined solution "
+        "when another candidate gives the same answer (for a vote count, the first such candidate), a teacher "
+        "solution otherwise",
+    )
+    p.add_argument(
+        "--agreement",
+        choices=("corroborated", "mode"),
+        default="corroborated",
+        help="when --context-target follow copies the combined solution: another candidate gives its answer "
+        "(corroborated), or its answer is one of the other candidates' most common (mode)",
     )
     p.add_argument("--mix", type=str, default="0.8,0.1,0.1", help="step fractions of single,integration,context")
     p.add_argument("--batch-single", type=int, default=32)
