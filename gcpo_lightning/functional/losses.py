@@ -1,10 +1,11 @@
-"""The loss maths as pure functions (paper Eq. 6, 7, 10; TRL's loss types).
+"""The loss maths as pure functions (paper Eq. 6, 7, 10; TRL's loss types and vLLM importance correction).
 
 Shapes: ``N`` completions, ``T`` completion tokens. Objectives are maximised; losses are their negatives.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -85,20 +86,61 @@ def policy_loss(
     epsilon_high: float,
     aggregate: Aggregation,
     max_completion_length: int,
+    sampler_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``-J``: the aggregated negative clipped surrogate plus the (already weighted) per-token penalty.
 
-    ``J = agg[surr - penalty]`` with ``penalty = beta*KL_ref (+ kappa*KL_causal for GCPO)``, the paper's
+    ``J = agg[w * surr - penalty]`` with ``penalty = beta*KL_ref (+ kappa*KL_causal for GCPO)``, the paper's
     Eq. 10/12 with ``aggregate=sequence_mean`` (TRL's ``grpo``); ``LOSS_TYPES`` maps TRL's names to aggregations.
+    ``w`` is 1 unless ``sampler_weights`` are given: the sampler/trainer mismatch correction ``pi_old / pi_sampler``
+    (:func:`importance_weights`), which multiplies the surrogate term only, not the penalty, as TRL's
+    ``vllm_importance_sampling_correction`` does.
+
+    Args:
+        sampler_weights: ``[N, T]`` per token or ``[N, 1]`` per sequence; ``None``: no correction.
 
     Returns:
         ``(loss, ratio)`` with ``ratio`` ``[N, T]`` for clip statistics.
     """
     ratio = importance_ratio(logps, old_logps)  # [N, T]
     per_token = -clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high)  # [N, T]
+    if sampler_weights is not None:
+        per_token = per_token * sampler_weights  # [N, T]: [N, 1] broadcasts over the tokens
     if penalty is not None:
         per_token = per_token + penalty
     return aggregate(per_token, mask, max_completion_length), ratio
+
+
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+"""TRL's ``vllm_importance_sampling_mode`` values: per-token or per-sequence ratios, clipped or masked."""
+
+
+def importance_weights(
+    old_logps: Tensor,
+    sampler_logps: Tensor,
+    mask: Tensor,
+    mode: str = "token_truncate",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> Tensor:
+    """``pi_old / pi_sampler`` per token (``[N, T]``) or per sequence (``[N, 1]``), clipped or masked (TRL's modes).
+
+    The correction of TRL's ``vllm_importance_sampling_correction`` for tokens sampled by another engine (vLLM)
+    than the policy that scores them. ``*_truncate`` clamps the ratios into ``[clip_min, clip_max]``; ``*_mask``
+    sets those outside to 0. A sequence ratio is ``exp(sum_t mask * (log pi_old - log pi_sampler))``. Padding
+    tokens, and tokens whose sampler log-prob is NaN (not reported), have log-ratio 0, as in TRL.
+    """
+    if mode not in IS_MODES:
+        raise ValueError(f"importance_weights: mode must be one of {IS_MODES}, got {mode!r}")
+    diff = torch.nan_to_num((old_logps - sampler_logps) * mask, nan=0.0)  # [N, T]
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)  # [N, 1]
+    ratio = diff.exp()
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> float:

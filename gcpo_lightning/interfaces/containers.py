@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from gcpo_lightning.functional.losses import IS_MODES, importance_weights
+
 T = TypeVar("T")
 
 
@@ -61,6 +63,56 @@ def cat_prompt_caches(parts: list[PromptCache]) -> PromptCache:
     )
 
 
+@dataclass(frozen=True)
+class ImportanceCorrection:
+    """The sampler/trainer mismatch correction the loss applies (TRL's ``vllm_importance_sampling_correction``).
+
+    A sampler whose engine (vLLM) computes its log-probabilities differently from the policy puts them in
+    ``Rollout.sampler_logps`` and this correction in ``Rollout.importance_correction``; the loss then multiplies
+    each token's policy-gradient term (not the KL penalty) by ``pi_old / pi_sampler``, formed by ``mode`` (TRL's
+    ``vllm_importance_sampling_mode``) with the bounds ``clip_min`` / ``clip_max`` (``None``: unbounded).
+    """
+
+    mode: str = "token_truncate"
+    clip_min: float | None = None
+    clip_max: float | None = 3.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in IS_MODES:
+            raise ValueError(f"importance sampling mode must be one of {IS_MODES}, got {self.mode!r}")
+        if self.clip_min is not None and self.clip_max is not None and self.clip_min > self.clip_max:
+            raise ValueError(f"importance sampling clip_min {self.clip_min} is above clip_max {self.clip_max}")
+
+    def weights(self, old_logps: Tensor, sampler_logps: Tensor, mask: Tensor) -> Tensor:
+        """``[N, T]`` (token modes) or ``[N, 1]`` (sequence modes) weights; ``sampler_logps`` checked first."""
+        check_sampler_logps(sampler_logps, mask)
+        return importance_weights(old_logps, sampler_logps, mask, self.mode, self.clip_min, self.clip_max)
+
+
+def check_sampler_logps(sampler_logps: Tensor, mask: Tensor) -> None:
+    """A ``ValueError`` naming what is wrong unless ``sampler_logps`` are ``[N, T]`` log-probabilities.
+
+    At completion tokens (``mask`` 1) each value must be ``<= 0`` or NaN (a token the sampler gave no log-prob for:
+    ratio 1, as in TRL); infinite values would turn the weights into 0 or the clip bound without saying so.
+    """
+    where = "Rollout.sampler_logps"
+    if sampler_logps.shape != mask.shape:
+        raise ValueError(
+            f"{where} has shape {tuple(sampler_logps.shape)}, expected {tuple(mask.shape)} "
+            "([N, T]: one log-prob per completion token, like completion_ids)"
+        )
+    if not sampler_logps.is_floating_point():
+        raise ValueError(f"{where} must be a floating-point tensor of log-probs, got {sampler_logps.dtype}")
+    real = sampler_logps[mask.bool()]  # [tokens]
+    if torch.isinf(real).any():
+        raise ValueError(f"{where} has {int(torch.isinf(real).sum())} infinite values at completion tokens")
+    if (real > 1e-4).any():
+        raise ValueError(
+            f"{where} has values above 0 (max {real.nan_to_num(nan=0.0).max().item():.4g}) at completion tokens: "
+            "they must be log-probabilities, not probabilities or logits"
+        )
+
+
 @dataclass
 class Rollout:
     """A batch of groups: ``G`` sampled completions for each of ``B`` prompts, group-major.
@@ -81,6 +133,8 @@ class Rollout:
     # [prompts, T'] log p(continuation | prompt) of continuations scored during generation (sample_shared)
     continuation_logps: Tensor | None = None
     prompt_cache: PromptCache | None = None  # the KV cache of the prompts the sampler was asked to keep
+    sampler_logps: Tensor | None = None  # [N, T] log-probs of the sampled tokens under the sampling engine (vLLM)
+    importance_correction: ImportanceCorrection | None = None  # set: the loss weights by pi_old / pi_sampler
     rows: list[dict[str, Any]] = field(default_factory=list)  # B data rows (prompt plus e.g. the answer column)
     metrics: dict[str, float] = field(default_factory=dict)  # e.g. the sampler's phase timings
 
@@ -106,6 +160,14 @@ class Rollout:
         keys = self.rows[0].keys() if self.rows else []
         return {k: [row[k] for row in self.rows for _ in range(self.group_size)] for k in keys}
 
+    def sampler_weights(self, old_logps: Tensor) -> Tensor | None:
+        """``[N, T]`` or ``[N, 1]`` weights ``pi_old / pi_sampler`` of the loss's policy term, given ``old_logps``
+        ``[N, T]``; ``None`` without an :class:`ImportanceCorrection` (the samplers that score with the policy)."""
+        if self.importance_correction is None:
+            return None
+        sampler_logps = require(self.sampler_logps, "Rollout.sampler_logps (Rollout.importance_correction is set)")
+        return self.importance_correction.weights(old_logps, sampler_logps, self.completion_mask)
+
     def select(self, index: Tensor) -> Rollout:
         """The completions at ``index`` (a 1D tensor of completion positions), as a view for an update step.
 
@@ -123,6 +185,8 @@ class Rollout:
             old_logps=pick(self.old_logps),
             hidden=pick(self.hidden),
             truncated=pick(self.truncated),
+            sampler_logps=pick(self.sampler_logps),
+            importance_correction=self.importance_correction,
             rows=self.rows,
         )
 

@@ -25,12 +25,17 @@ from gcpo_lightning.training.distributed import rank_share
 def micro_batch_loss(
     m: Any, mb: Rollout, adv: Tensor, prepared: PenaltyInputs, models: PolicyModels
 ) -> tuple[Tensor, dict[str, float]]:
-    """``-J`` of module ``m`` on a micro-batch under the current policy (paper Eq. 10, 12), and its statistics."""
+    """``-J`` of module ``m`` on a micro-batch under the current policy (paper Eq. 10, 12), and its statistics.
+
+    A rollout with an importance correction (``VLLMSampler``) has its policy term weighted by ``pi_old /
+    pi_sampler`` (TRL's ``vllm_importance_sampling_correction``); ``pi_old`` is the update's own detached pass when
+    the rollout was not scored (one on-policy step), as TRL's old log-probs then equal it."""
     scores = score_completions(
         m.built_policy, *mb.scoring_inputs(), temperature=models.temperature, logits_chunk_size=models.logits_chunk_size
     )
     penalty = m.kl.penalty(scores, mb, prepared, models)  # 6b
     old_logps = scores.logps.detach() if mb.old_logps is None else mb.old_logps  # on-policy: pi_old = pi_theta
+    weights = mb.sampler_weights(old_logps)  # [n, T] / [n, 1] pi_old / pi_sampler (vLLM); None: no correction
     mask, clip = mb.completion_mask.float(), (m.epsilon, m.epsilon_high)
     loss, ratio = policy_loss(
         scores.logps,
@@ -41,13 +46,21 @@ def micro_batch_loss(
         *clip,
         m.loss,  # 6a, 6c
         m.sampler.max_completion_length,
+        weights,
     )
     if not torch.isfinite(loss):
         return loss, {}
     clips = clip_fractions(ratio.detach(), adv, mask, *clip)
     entropy = masked_mean(scores.entropy, mask) if scores.entropy is not None else float("nan")
-    stats = {"loss": loss.item(), "entropy": entropy, **penalty.metrics}
+    stats = {"loss": loss.item(), "entropy": entropy, **penalty.metrics, **weight_stats(weights, mask)}
     return loss, {**stats, **{f"clip_ratio/{k}_mean": v.item() for k, v in clips.items()}}
+
+
+def weight_stats(weights: Tensor | None, mask: Tensor) -> dict[str, float]:
+    """The mean sampler/trainer correction weight the loss applied over the completion tokens (none: ``{}``)."""
+    if weights is None:
+        return {}
+    return {"sampling/applied_importance_weight_mean": masked_mean(weights.expand_as(mask), mask)}
 
 
 def optimisation_step(m: Any, mb: Rollout, adv: Tensor, prepared: PenaltyInputs, models: PolicyModels) -> dict:

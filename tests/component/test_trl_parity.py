@@ -43,6 +43,8 @@ Cost: importing ``trl`` takes ~10 s on a loaded 2-core CPU; the tests themselves
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,8 +57,20 @@ from gcpo_lightning.components.penalties.reference_kl import ReferenceKL  # noqa
 from gcpo_lightning.components.sampling.group_sampler import completion_mask_from_eos, eos_ids  # noqa: E402
 from gcpo_lightning.components.scoring.logprobs import score_completions  # noqa: E402
 from gcpo_lightning.functional.advantages import group_normalize  # noqa: E402
-from gcpo_lightning.functional.losses import LOSS_TYPES, clip_fractions, policy_loss  # noqa: E402
-from gcpo_lightning.interfaces.containers import PenaltyInputs, PolicyModels, Rollout, Scores  # noqa: E402
+from gcpo_lightning.functional.losses import (  # noqa: E402
+    IS_MODES,
+    LOSS_TYPES,
+    clip_fractions,
+    importance_weights,
+    policy_loss,
+)
+from gcpo_lightning.interfaces.containers import (  # noqa: E402
+    ImportanceCorrection,
+    PenaltyInputs,
+    PolicyModels,
+    Rollout,
+    Scores,
+)
 from gcpo_lightning.policy.loading import load_causal_lm, load_tokenizer  # noqa: E402
 
 G = 4  # num_generations
@@ -144,8 +158,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def both_losses(trainer, loss_type: str, beta: float, eps_high: float, ratio_weighted_penalty: bool = False):
+def both_losses(
+    trainer,
+    loss_type: str,
+    beta: float,
+    eps_high: float,
+    ratio_weighted_penalty: bool = False,
+    sampler_weights: Callable[..., torch.Tensor] | None = None,
+):
     """TRL's ``_compute_loss`` and ours on one hand-made batch, each followed by ``backward``.
+
+    ``sampler_weights(old, mask)``, when given, makes the vLLM importance weights both sides apply (TRL's
+    ``inputs["importance_sampling_ratio"]`` with ``use_vllm`` and ``vllm_importance_sampling_correction`` on).
 
     Returns ``(trl_loss, trl_grads, our_loss, our_grads, clip_fractions, penalty)``.
     """
@@ -165,6 +189,10 @@ def both_losses(trainer, loss_type: str, beta: float, eps_high: float, ratio_wei
     inputs = dict(batch, advantages=advantages, old_per_token_logps=old, num_items_in_batch=mask.sum())
     if beta > 0:
         inputs["ref_per_token_logps"] = ref
+    weights = None if sampler_weights is None else sampler_weights(old, mask)
+    if weights is not None:
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True  # the loss's only vLLM switch
+        inputs["importance_sampling_ratio"] = weights
     model.zero_grad(set_to_none=True)
     trl_loss = trainer._compute_loss(model, inputs)
     trl_loss.backward()
@@ -180,7 +208,16 @@ def both_losses(trainer, loss_type: str, beta: float, eps_high: float, ratio_wei
     if ratio_weighted_penalty:
         per_token_penalty = per_token_penalty * torch.exp(scores.logps - old)
     loss, ratio = policy_loss(
-        scores.logps, old, advantages, mask.float(), per_token_penalty, EPSILON, eps_high, LOSS_TYPES[loss_type], T
+        scores.logps,
+        old,
+        advantages,
+        mask.float(),
+        per_token_penalty,
+        EPSILON,
+        eps_high,
+        LOSS_TYPES[loss_type],
+        T,
+        weights,
     )
     loss.backward()
     clips = clip_fractions(ratio.detach(), advantages, mask.float(), EPSILON, eps_high)
@@ -284,6 +321,80 @@ def test_advantages_match_trl(model_dir: Path, tmp_path: Path, scale_rewards: st
     out = trainer._generate_and_score_completions(rows)
     expected = group_normalize(torch.tensor(fixed), G, scale_rewards, eps=1e-4)
     torch.testing.assert_close(out["advantages"].float(), expected, atol=1e-6, rtol=1e-6)
+
+
+# ----- the vLLM importance-sampling correction (TRL's vllm_importance_sampling_correction) -------------------------
+
+
+def vllm_like_logps(old: torch.Tensor, mask: torch.Tensor, spread: float, seed: int = 2) -> torch.Tensor:
+    """``[N, T]`` log-probs of a "sampler" near ``old``: ``old + U(-spread, spread)`` at real tokens, 0 at padding."""
+    g = torch.Generator().manual_seed(seed)
+    return (old + (torch.rand(old.shape, generator=g) * 2 - 1) * spread) * mask
+
+
+@pytest.mark.parametrize("mode", IS_MODES)
+def test_vllm_importance_weights_match_trl(model_dir: Path, tmp_path: Path, mode: str) -> None:
+    """TRL's ``importance_sampling_ratio`` equals :meth:`ImportanceCorrection.weights` on the same log-probs.
+
+    TRL forms the ratio inline in ``_generate_and_score_completions``; that method is run with ``use_vllm`` switched
+    on after construction and ``_generate_single_turn`` (where vLLM would generate) replaced by fixed completions
+    without EOS and fixed "vLLM" log-probs: the trainer's own old log-probs (from a first call) plus noise, one of
+    them NaN (a token vLLM did not score: ratio 1 on both sides). Both clip bounds are hit.
+    """
+    clip = (0.8, 1.25)
+    trainer = make_trainer(
+        model_dir,
+        tmp_path,
+        beta=0.0,
+        vllm_importance_sampling_mode=mode,
+        vllm_importance_sampling_clip_min=clip[0],
+        vllm_importance_sampling_clip_max=clip[1],
+    )
+    trainer.use_vllm = True  # the generation it would switch to is replaced below
+    lengths = [9, 4, 7, 2, 9, 6, 1, 8]
+    g = torch.Generator().manual_seed(0)
+    completions = [torch.randint(4, 100, (n,), generator=g).tolist() for n in lengths]  # EOS is id 2: none here
+    vllm_logps: list[list[float]] = [[0.0] * n for n in lengths]
+    trainer._generate_single_turn = lambda *args, **kwargs: (completions, vllm_logps)
+    rows = [{"prompt": f"Problem: {i}+{i + 1}\nSolution:"} for i in range(N)]
+    first = trainer._generate_and_score_completions(rows)
+    sampler = vllm_like_logps(first["old_per_token_logps"], first["completion_mask"], 0.4)  # [N, T]
+    sampler[2, 3] = math.nan
+    vllm_logps[:] = [sampler[i, :n].tolist() for i, n in enumerate(lengths)]
+    out = trainer._generate_and_score_completions(rows)
+    ours = ImportanceCorrection(mode, *clip).weights(out["old_per_token_logps"], sampler, out["completion_mask"])
+    torch.testing.assert_close(ours, out["importance_sampling_ratio"], atol=1e-6, rtol=1e-6)
+    assert ours.shape == ((N, T) if mode.startswith("token") else (N, 1))
+    if mode.endswith("truncate"):
+        assert (ours == clip[0]).any() and (ours == clip[1]).any()
+    else:
+        assert (ours == 0).any() and ((ours > clip[0]) & (ours < clip[1])).any()
+    if mode.startswith("token"):
+        assert ours[2, 3] == 1.0  # the NaN token
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_loss_and_gradients_with_vllm_importance_weights_match_trl(
+    model_dir: Path, tmp_path: Path, loss_type: str, mode: str
+) -> None:
+    """TRL multiplies the per-token policy loss by the weights, then adds ``beta * KL`` unweighted; so do we.
+
+    With ``beta = 0.04`` a weighted KL term would show in the gradients. The weights are far from 1 (a sampler
+    0.5 nats off per token), so that ignoring them on either side would break the comparison too.
+    """
+    eps_high = EPSILON_HIGH[loss_type]
+    trainer = make_trainer(model_dir, tmp_path, loss_type=loss_type, beta=0.04, epsilon_high=eps_high)
+
+    def weights(old: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = importance_weights(old, vllm_like_logps(old, mask, 0.5), mask, mode, 0.7, 1.4)
+        assert (w != 1).float().mean() > 0.5  # most weights really differ from 1
+        return w
+
+    trl_loss, trl_grads, loss, our_grads, _, _ = both_losses(
+        trainer, loss_type, 0.04, eps_high, sampler_weights=weights
+    )
+    assert_same(trl_loss, trl_grads, loss, our_grads)
 
 
 # ----- math accuracy: our MathAccuracy against TRL's accuracy_reward (both on math-verify) --------------------------

@@ -48,6 +48,7 @@ def test_grpo_fits_with_the_vllm_sampler(tmp_path: Path) -> None:
     for row in rows:
         assert math.isfinite(float(row["loss"]))
         assert abs(float(row["sampling/importance_sampling_ratio/mean"]) - 1) < 1e-2  # engine == policy weights
+        assert abs(float(row["sampling/applied_importance_weight_mean"]) - 1) < 1e-2  # the loss applied them
     # a push happens before every step after the first: the engine held the updated policy whenever it sampled
     assert max(float(r["sampling/sampling_logp_difference/max"]) for r in rows) < 1e-3  # float noise: ~3e-5
     exported = load_file(next(tmp_path.glob("grpo_vllm/version_*/hf_model/model.safetensors")))

@@ -11,7 +11,8 @@ import torch
 from gcpo_lightning.components.sampling.backends import HFGenerate
 from gcpo_lightning.components.sampling.decoding import filter_logits
 from gcpo_lightning.components.sampling.group_sampler import GroupSampler
-from gcpo_lightning.components.sampling.vllm_sampler import VLLMSampler, engine_model, importance_weights
+from gcpo_lightning.components.sampling.vllm_sampler import VLLMSampler, engine_model
+from gcpo_lightning.functional.losses import importance_weights
 
 # The kit's KVCacheLoop passes ``cache=`` (transformers >= 5.20); .venv-vllm has vLLM's transformers < 5.20, where
 # that keyword is ignored, so the HF reference here is Hugging Face ``generate`` (docs/vllm.md).
@@ -132,3 +133,24 @@ def test_importance_weights_modes_by_hand() -> None:
     assert torch.allclose(importance_weights(old, sampled, mask, "sequence_mask", None, 2.0), torch.tensor([[0.0]]))
     with pytest.raises(ValueError, match="mode"):
         importance_weights(old, sampled, mask, "token_clip")
+
+
+def test_top_k_weights_are_the_kept_mass_and_reach_the_loss(spread_llama, spread_sampler) -> None:
+    """Under top-k vLLM's processed log-probs are over the ``k`` kept tokens, the policy's over the vocabulary, so a
+    first token's weight ``pi_old / pi_vllm`` is ``p / (p / kept) = kept``, the top-k mass, whichever token was
+    drawn. The rollout carries vLLM's log-probs and the correction, and the loss's weights are those numbers."""
+    models, prompt, k, n = spread_llama, "Problem: 4+5+2-9\nSolution:", 8, 16
+    ids = models.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        probs = models.policy(torch.tensor([ids])).logits[0, -1].float().softmax(-1)  # [V] at T = 1
+    kept = probs.topk(k).values.sum().item()
+    assert kept < 0.9, "the top-k must drop visible mass for the test to mean anything"
+    sampler = spread_sampler
+    sampler.temperature, sampler.top_k, sampler.top_p = 1.0, k, 1.0
+    rollout = sampler.sample(models, [prompt], n)  # scored: old_logps from the policy
+    assert rollout.importance_correction == sampler.correction and rollout.sampler_logps is not None
+    weights = rollout.sampler_weights(rollout.old_logps)  # what micro_batch_loss applies
+    assert weights is not None and sampler.last_importance_weights is not None
+    torch.testing.assert_close(weights, sampler.last_importance_weights)
+    torch.testing.assert_close(weights[:, 0], torch.full((n,), kept), atol=1e-3, rtol=1e-3)
+    assert rollout.metrics["sampling/importance_sampling_ratio/mean"] == pytest.approx(kept, abs=1e-3)

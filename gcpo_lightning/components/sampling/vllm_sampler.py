@@ -1,9 +1,9 @@
 """Group generation with vLLM in the training process (colocated), scored by the policy as with the HF path.
 
 vLLM generates the tokens; the policy recomputes ``old_logps`` and ``hidden`` with the same scoring function as
-:class:`~gcpo_lightning.components.sampling.group_sampler.GroupSampler`, so the loss is unchanged. vLLM's own
-log-probabilities of the sampled tokens are kept for an importance-sampling correction of the sampler/trainer
-mismatch (TRL's ``vllm_importance_sampling_correction``): see :class:`VLLMSampler`. Set-up and what is tested:
+:class:`~gcpo_lightning.components.sampling.group_sampler.GroupSampler`, so the loss gets the same inputs. vLLM's own
+log-probabilities of the sampled tokens go with the rollout, and the loss corrects the sampler/trainer mismatch with
+them (TRL's ``vllm_importance_sampling_correction``): see :class:`VLLMSampler`. Set-up and what is tested:
 ``docs/vllm.md``; vLLM is imported only when the engine is first built (``bash scripts/setup_vllm.sh``).
 """
 
@@ -28,13 +28,10 @@ from gcpo_lightning.components.sampling.group_sampler import (
     rollout_from_tokens,
     score_rollout,
 )
-from gcpo_lightning.interfaces.containers import PolicyModels, Rollout
+from gcpo_lightning.interfaces.containers import ImportanceCorrection, PolicyModels, Rollout
 from gcpo_lightning.interfaces.protocols import Sampler
 from gcpo_lightning.policy.lora import export_merged, is_lora, merged_state_dict
 from gcpo_lightning.policy.sharding import is_sharded
-
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-"""TRL's ``vllm_importance_sampling_mode`` values: per-token or per-sequence ratios, clipped or masked."""
 
 MISSING_VLLM = (
     "VLLMSampler needs vLLM, which is not installed in this environment: run `bash scripts/setup_vllm.sh` and use "
@@ -54,9 +51,13 @@ class VLLMSampler(Sampler):
     Temperature, top-p, top-k and the minimum length mean what they mean in ``GroupSampler`` (temperature, then
     top-k, then nucleus on the tempered distribution). ``old_logps`` are recomputed by the policy; vLLM's
     log-probabilities of the sampled tokens after its temperature and filters (``logprobs_mode=
-    "processed_logprobs"``, as TRL) are kept in :attr:`last_sampler_logps` ``[N, T]``, the importance weights
-    ``pi_old / pi_vllm`` of ``importance_sampling_mode`` in :attr:`last_importance_weights`, and their statistics
-    in the rollout's metrics (``sampling/...``, TRL's names). The loss does not apply the weights yet.
+    "processed_logprobs"``, as TRL) go with the rollout (``Rollout.sampler_logps`` ``[N, T]``, also
+    :attr:`last_sampler_logps`). With ``importance_sampling_correction`` (TRL's
+    ``vllm_importance_sampling_correction``, on by default as there) the rollout also carries an
+    :class:`~gcpo_lightning.interfaces.containers.ImportanceCorrection`, and the loss multiplies each token's
+    policy-gradient term, not the KL penalty, by ``pi_old / pi_vllm`` formed by ``importance_sampling_mode``, as TRL
+    does. A scored rollout also gets these weights in :attr:`last_importance_weights` and their statistics in its
+    metrics (``sampling/...``, TRL's names), with the correction on or off.
 
     Args:
         temperature: sampling temperature (TRL's ``temperature``); 0 means greedy.
@@ -65,9 +66,10 @@ class VLLMSampler(Sampler):
         max_completion_length: maximum new tokens per completion.
         score_batch_size: rows per no-grad scoring forward pass of the policy.
         min_new_tokens: EOS is not sampled before this many tokens (0: no minimum).
-        importance_sampling_mode: how the stored importance weights are formed (TRL's
-            ``vllm_importance_sampling_mode``): ``token_truncate``, ``token_mask``, ``sequence_truncate`` or
-            ``sequence_mask``.
+        importance_sampling_correction: weight the loss's policy term by ``pi_old / pi_vllm`` (TRL's
+            ``vllm_importance_sampling_correction``); off: the weights are only logged (when the rollout is scored).
+        importance_sampling_mode: how the importance weights are formed (TRL's ``vllm_importance_sampling_mode``):
+            ``token_truncate``, ``token_mask``, ``sequence_truncate`` or ``sequence_mask``.
         importance_sampling_clip_max: upper bound of the weights (clipped, or masked to 0); ``None``: none.
         importance_sampling_clip_min: lower bound of the weights; ``None``: none.
         max_model_len: the engine's longest prompt plus completion; ``None``: the model's
@@ -89,6 +91,7 @@ class VLLMSampler(Sampler):
         max_completion_length: int = 48,
         score_batch_size: int = 64,
         min_new_tokens: int = 0,
+        importance_sampling_correction: bool = True,
         importance_sampling_mode: str = "token_truncate",
         importance_sampling_clip_max: float | None = 3.0,
         importance_sampling_clip_min: float | None = None,
@@ -101,11 +104,12 @@ class VLLMSampler(Sampler):
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         check_sampling_settings("VLLMSampler", temperature, top_p, max_completion_length)
-        if importance_sampling_mode not in IS_MODES:
-            raise ValueError(f"VLLMSampler: importance_sampling_mode must be one of {IS_MODES}")
+        # checks the mode and the bounds now (the correction is rebuilt from the attributes at each sample)
+        ImportanceCorrection(importance_sampling_mode, importance_sampling_clip_min, importance_sampling_clip_max)
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.max_completion_length, self.score_batch_size = max_completion_length, score_batch_size
         self.min_new_tokens = min_new_tokens
+        self.importance_sampling_correction = importance_sampling_correction
         self.importance_sampling_mode = importance_sampling_mode
         self.importance_sampling_clip_max = importance_sampling_clip_max
         self.importance_sampling_clip_min = importance_sampling_clip_min
@@ -144,13 +148,19 @@ class VLLMSampler(Sampler):
         generated = time.perf_counter()
         rollout.metrics["timing/weight_sync"] = synced - start
         rollout.metrics["timing/generation"] = generated - synced
-        self.last_sampler_logps = pad_rows(logps, 0.0, rollout.completion_ids.shape[1]).to(prompt_ids.device)
-        self.last_importance_weights = None
+        self._carry_logps(rollout, logps)
         if score:
             self._score(models, rollout)
             rollout.metrics["timing/scoring"] = time.perf_counter() - generated
             self._importance(rollout)
         return rollout
+
+    @property
+    def correction(self) -> ImportanceCorrection:
+        """The importance correction of this sampler's settings (the loss applies it when switched on)."""
+        return ImportanceCorrection(
+            self.importance_sampling_mode, self.importance_sampling_clip_min, self.importance_sampling_clip_max
+        )
 
     # ----- weights: build the engine, push after updates ----------------------------------------------------
 
@@ -247,6 +257,14 @@ class VLLMSampler(Sampler):
         completion_ids = pad_rows(tokens, models.tokenizer.pad_token_id).to(prompt_ids.device)  # [N, T]
         return rollout_from_tokens(models.tokenizer, prompts, prompt_ids, prompt_mask, completion_ids, G)
 
+    def _carry_logps(self, rollout: Rollout, logps: list[list[float]]) -> None:
+        """Put vLLM's log-probs on the rollout as ``[N, T]`` (0 at padding), with the correction when it is on."""
+        T = rollout.completion_ids.shape[1]
+        self.last_sampler_logps = pad_rows(logps, 0.0, T).to(rollout.completion_ids.device)  # [N, T]
+        self.last_importance_weights = None
+        rollout.sampler_logps = self.last_sampler_logps
+        rollout.importance_correction = self.correction if self.importance_sampling_correction else None
+
     def _score(self, models: PolicyModels, rollout: Rollout) -> None:
         """Fill ``old_logps`` and ``hidden`` with the policy's no-grad forward passes (as ``GroupSampler``)."""
         score_rollout(models, rollout, self.score_batch_size)
@@ -257,45 +275,12 @@ class VLLMSampler(Sampler):
         if old is None or sampled is None:
             return
         mask = rollout.completion_mask.float()  # [N, T]
-        weights = importance_weights(
-            old,
-            sampled,
-            mask,
-            self.importance_sampling_mode,
-            self.importance_sampling_clip_min,
-            self.importance_sampling_clip_max,
-        )
+        weights = self.correction.weights(old, sampled, mask)
         self.last_importance_weights = weights
         rollout.metrics.update(mismatch_metrics(old, sampled, mask, weights))
 
 
 # ----- pure helpers ---------------------------------------------------------------------------------------------
-
-
-def importance_weights(
-    old_logps: Tensor,
-    sampler_logps: Tensor,
-    mask: Tensor,
-    mode: str = "token_truncate",
-    clip_min: float | None = None,
-    clip_max: float | None = 3.0,
-) -> Tensor:
-    """``pi_old / pi_sampler`` per token (``[N, T]``) or per sequence (``[N, 1]``), clipped or masked (TRL's modes).
-
-    ``*_truncate`` clamps the ratios into ``[clip_min, clip_max]``; ``*_mask`` sets those outside to 0. A sequence
-    ratio is ``exp(sum_t mask * (log pi_old - log pi_sampler))``. Padding tokens have ratio 1.
-    """
-    if mode not in IS_MODES:
-        raise ValueError(f"importance_weights: mode must be one of {IS_MODES}, got {mode!r}")
-    diff = torch.nan_to_num((old_logps - sampler_logps) * mask, nan=0.0)  # [N, T]
-    if mode.startswith("sequence"):
-        diff = diff.sum(dim=-1, keepdim=True)  # [N, 1]
-    ratio = diff.exp()
-    if mode.endswith("truncate"):
-        return ratio.clamp(min=clip_min, max=clip_max)
-    low = -math.inf if clip_min is None else clip_min
-    high = math.inf if clip_max is None else clip_max
-    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
 def mismatch_metrics(old_logps: Tensor, sampler_logps: Tensor, mask: Tensor, weights: Tensor) -> dict[str, float]:
