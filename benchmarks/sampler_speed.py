@@ -216,8 +216,8 @@ def run_all(args: argparse.Namespace) -> list[Result]:
         scale = args.cpu_scale if args.device == "cpu" and model != "tiny-arith" else 1.0
         for work in workloads(args, scale):
             for name in samplers:
-                if isinstance(models, str):
-                    results.append(Result(model, work.name, name, note=models))
+                if isinstance(models, str):  # reported too, so that a parent process shows why
+                    results.append(report(Result(model, work.name, name, note=models), args.json))
                 elif name != "vllm" or vllm_here:
                     results.append(report(run_one(name, model, models, work, args), args.json))
     if "vllm" in samplers and not vllm_here and not args.json:

