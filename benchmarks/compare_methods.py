@@ -157,11 +157,14 @@ def accuracy_within(run: RunResult, seconds: float) -> float:
     return run.accuracy[max(within)]
 
 
-def per_method_table(grouped: dict[str, dict[int, RunResult]]) -> list[str]:
-    """Markdown rows: mean accuracy and 95% t interval at each step, and the mean training seconds there."""
+def per_method_table(grouped: dict[str, dict[int, RunResult]], only: list[int] | None = None) -> list[str]:
+    """Markdown rows: mean accuracy and 95% t interval at each step (of ``only``, if given), and the mean training
+    seconds there."""
     lines = ["| method | seeds | step | accuracy %, mean [95% t] | training s, mean |", "|---|---|---|---|---|"]
     for method, runs in grouped.items():
         for step in common_steps(runs):
+            if only and step not in only:
+                continue
             acc = t_interval([r.accuracy[step] for r in runs.values()])
             secs = t_interval([r.seconds[step] for r in runs.values()]).mean
             lines.append(f"| {method} | {len(runs)} | {step} | {acc.format()} | {secs:.0f} |")
@@ -210,7 +213,7 @@ def write_markdown(grouped: dict[str, dict[int, RunResult]], args: argparse.Name
     lines = [
         f"Held-out greedy accuracy on {args.num_val} questions; seeds {args.seeds}; {args.jobs} run(s) at a time, "
         f"{args.threads} torch thread(s) each; evaluations every {args.val_every} steps.\n",
-        *per_method_table(grouped),
+        *per_method_table(grouped, args.table_steps),
         "",
         *paired_table(grouped, args.baseline),
         "",
@@ -286,12 +289,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="torch threads per run")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--table-steps", type=int, nargs="*", default=None, help="steps in the per-method table")
+    parser.add_argument("--report-only", action="store_true", help="write the outputs of the runs on disk, run none")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     steps = parse_method_steps(args.method_steps, args.max_steps)
     jobs = [(m, s) for s in args.seeds for m in args.methods]  # seed-major: partial results stay balanced
     results = [r for m, s in jobs if (r := read_result(m, s, args.out)) and max(r.accuracy) >= steps[m]]
-    todo = [(m, s) for m, s in jobs if not any(r.method == m and r.seed == s for r in results)]
+    todo = (
+        [] if args.report_only else [(m, s) for m, s in jobs if not any(r.method == m and r.seed == s for r in results)]
+    )
     print(f"{len(results)} runs on disk, {len(todo)} to run", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, m, s, steps[m], args) for m, s in todo]
