@@ -54,7 +54,9 @@ METHODS = {
     "GCPO": "configs/gcpo.yaml",
     "GCPO w/o weighting": "configs/gcpo_no_weighting.yaml",
     "GCPO w/o causal KL": "configs/gcpo_no_causal_kl.yaml",
+    "GCPO set contexts": "configs/gcpo.yaml configs/overlays/set_contexts.yaml",
 }
+"""Each method's config files (space-separated: later ones are overlays)."""
 ACCURACY = "val/accuracy"
 
 
@@ -82,8 +84,7 @@ def fit_command(method: str, seed: int, steps: int, args: argparse.Namespace) ->
         "-m",
         "gcpo_lightning",
         "fit",
-        "--config",
-        METHODS[method],
+        *[arg for config in METHODS[method].split() for arg in ("--config", config)],
         f"--seed_everything={seed}",
         f"--data.init_args.seed={seed}",
         f"--data.init_args.num_val={args.num_val}",
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=30)
     parser.add_argument("--val-every", type=int, default=10)
     parser.add_argument("--num-val", type=int, default=1000, help="held-out questions (the same for every run)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS)[:4], choices=list(METHODS))
     parser.add_argument("--method-steps", nargs="*", default=[], help="METHOD=STEPS overrides of --max-steps")
     parser.add_argument("--baseline", default="GRPO", choices=list(METHODS), help="the paired differences' base")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")

@@ -38,6 +38,7 @@ NO_CANDIDATE_SCORES = "--model.graph_builder.init_args.score_candidates=false"
 NO_CACHE = "--model.graph_builder.init_args.keep_context_cache=false"
 CONTEXT = "--model.kl.init_args.policy_context=context"  # the paper's gradient pass on x_i
 FROZEN = "--model.kl.init_args.policy_context=context_frozen"
+SET = "--model.graph_builder.init_args.context_layout=set"
 VARIANTS: dict[str, list[str]] = {
     # the textual-context path as it was before issue 10: one prompt per context row, a KV cache grown by cat
     "textual": [
@@ -60,6 +61,10 @@ VARIANTS: dict[str, list[str]] = {
     "frozen": [FROZEN, "--model.graph_builder.init_args.keep_context_cache=true"],
     # the causal KL conditioned on q (no pass on x_i at all): the spec's cheap [decision]
     "query": ["--model.kl.init_args.policy_context=query"],
+    # the contexts read as sets ([decision]): one block per group in context generation and in the pass on x_i
+    "set": [SET],
+    # both decisions: contexts as sets, the causal KL conditioned on q
+    "set_query": [SET, "--model.kl.init_args.policy_context=query"],
 }
 
 
@@ -116,9 +121,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="measure how far policy_context=context_frozen moves the gradient, then exit",
     )
+    parser.add_argument(
+        "--set-deviation",
+        action="store_true",
+        help="measure how far context_layout=set moves log-probs, U_i and the gradient from the textual contexts",
+    )
     args = parser.parse_args(argv)
     if args.deviation:
         return deviation(args.steps)
+    if args.set_deviation:
+        return set_deviation(args.steps)
     variants = args.compare.split(",")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
@@ -164,28 +176,7 @@ def deviation(steps: int = 3, seed: int = 0) -> None:
     and norm ratio of the gradients of the whole loss and of the causal-KL term alone (kappa 0.06 minus kappa 0)."""
     import torch
 
-    from gcpo_lightning import (
-        ArithmeticDataModule,
-        CausalAdvantage,
-        CausalProjectedKL,
-        ColliderGraphBuilder,
-        GCPOModule,
-        GroupSampler,
-    )
-    from gcpo_lightning.policy.builder import PolicyBuilder
-
-    torch.manual_seed(seed)
-    module = GCPOModule(
-        policy_builder=PolicyBuilder("tiny-arith", use_chat_template=False),
-        sampler=GroupSampler(max_completion_length=64, generation_batch_size=64),
-        graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1),
-        adjuster=CausalAdvantage(alpha=2.0),
-        kl=CausalProjectedKL(beta=0.04, kappa=0.06, max_ratio=10.0),
-        num_generations=8,
-    )
-    module.configure_model()
-    dm = ArithmeticDataModule(batch_size=8, seed=seed)
-    dm.setup("fit")
+    module, dm = embedded_module(seed)
     models = module.models()
     params = [p for p in module.policy.parameters() if p.requires_grad]
     for step, batch in zip(range(steps), dm.train_dataloader()):
@@ -213,6 +204,111 @@ def deviation(steps: int = 3, seed: int = 0) -> None:
             f"{float(causal['context_frozen'].norm() / causal['context'].norm()):.4f}",
             flush=True,
         )
+
+
+def embedded_module(seed: int, **builder_args: object):
+    """configs/gcpo.yaml's components (G=8, M=2, K=1) on the shipped tiny-arith, and its data module."""
+    import torch
+
+    from gcpo_lightning import (
+        ArithmeticDataModule,
+        CausalAdvantage,
+        CausalProjectedKL,
+        ColliderGraphBuilder,
+        GCPOModule,
+        GroupSampler,
+    )
+    from gcpo_lightning.policy.builder import PolicyBuilder
+
+    torch.manual_seed(seed)
+    module = GCPOModule(
+        policy_builder=PolicyBuilder("tiny-arith", use_chat_template=False),
+        sampler=GroupSampler(max_completion_length=64, generation_batch_size=64),
+        graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1, **builder_args),  # type: ignore[arg-type]
+        adjuster=CausalAdvantage(alpha=2.0),
+        kl=CausalProjectedKL(beta=0.04, kappa=0.06, max_ratio=10.0),
+        num_generations=8,
+    )
+    module.configure_model()
+    dm = ArithmeticDataModule(batch_size=8, seed=seed)
+    dm.setup("fit")
+    return module, dm
+
+
+def set_deviation(rollouts: int = 3, seed: int = 0) -> None:
+    """How far ``context_layout: set`` moves GCPO's quantities from the textual contexts on the embedded model.
+
+    Per rollout (the same candidates and integrated outputs for both layouts): the log-probs ``log p(y_i | x_{i,l})``
+    (max and mean absolute difference over real tokens, next to the mean shift the context itself causes against
+    ``log p(y_i | q)``), ``p'_ref``, the weights ``U_i`` with sampled context samples (against the noise floor of the
+    textual layout under another seed) and with greedy ones, and the cosine of the gradients of the causal-KL term
+    and of the whole loss."""
+    import torch
+
+    module, dm = embedded_module(seed)
+    builder, models = module.graph_builder, module.models()
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+
+    def graph(layout: str, graph_seed: int, greedy: bool = False):
+        builder.context_layout = layout
+        temperature = module.sampler.temperature
+        module.sampler.temperature = 0.0 if greedy else temperature
+        torch.manual_seed(graph_seed)
+        try:
+            return builder.build(rollout, models, module.sampler)
+        finally:
+            module.sampler.temperature = temperature
+
+    for step, batch in zip(range(rollouts), dm.train_dataloader()):
+        rollout = module.sampler.sample(models, module.prompts_for(batch), 8)
+        rollout.rows = batch
+        rewards, _ = module.score_rewards(rollout)
+        text, sets, other = graph("text", step), graph("set", step), graph("text", step + 1000)
+        assert text.integrated == sets.integrated
+        real = rollout.completion_mask.bool().unsqueeze(1).expand_as(text.context_logps)  # [N, M, T]
+        delta = (text.context_logps - sets.context_logps)[real].abs()
+        shift = (text.context_logps[:, 0] - rollout.old_logps)[real[:, 0]].abs().mean()
+        u = {}
+        for name, g in (("text", text), ("set", sets), ("other", other)):
+            adv = module.adjuster.adjust(rewards, rollout, g, batch_rewards=rewards)
+            prepared = module.kl.prepare(rollout, g, models)
+            grads = {}
+            for kappa in (0.06, 0.0):
+                module.kl.kappa = kappa
+                loss, _ = module.compute_loss(rollout, adv.values, prepared, models)
+                grads[kappa] = torch.cat([x.flatten() for x in torch.autograd.grad(loss, params)])
+            module.kl.kappa = 0.06
+            u[name] = (g, prepared, grads)
+        weights = {
+            k: module.adjuster.similarity(v[0].representations, causal_target_of(v[0], rollout)) * 2.0
+            for k, v in u.items()
+        }
+        greedy = {k: graph(k, step, greedy=True) for k in ("text", "set")}
+        greedy_u = {
+            k: module.adjuster.similarity(g.representations, causal_target_of(g, rollout)) * 2.0
+            for k, g in greedy.items()
+        }
+        ref = u["text"][1].causal_ref_logps[real[:, 0]] - u["set"][1].causal_ref_logps[real[:, 0]]
+        causal = {k: v[2][0.06] - v[2][0.0] for k, v in u.items()}
+        print(
+            f"rollout {step}: |d log p(y|x)| max {delta.max():.3f} mean {delta.mean():.4f} (context vs q: mean "
+            f"{shift:.4f}); |d log p'_ref| mean {ref.abs().mean():.4f}; U_i |set - text| mean "
+            f"{(weights['set'] - weights['text']).abs().mean():.4f} (text, other seed: "
+            f"{(weights['other'] - weights['text']).abs().mean():.4f}); greedy U_i |set - text| mean "
+            f"{(greedy_u['set'] - greedy_u['text']).abs().mean():.4f}; causal-KL grad cos "
+            f"{cos(causal['text'], causal['set']):.4f}, whole-loss grad cos "
+            f"{cos(u['text'][2][0.06], u['set'][2][0.06]):.4f} "
+            f"(text, other seed {cos(u['text'][2][0.06], u['other'][2][0.06]):.4f})",
+            flush=True,
+        )
+
+
+def causal_target_of(graph, rollout):
+    """``Zbar_i - Zbar'_i + zbar`` of a graph (paper Eq. 11)."""
+    from gcpo_lightning.functional.causal import causal_target
+
+    return causal_target(graph.representations, graph.context_representations, rollout.group_size)
 
 
 def fmt(phases: dict[str, float]) -> str:

@@ -50,6 +50,35 @@ class PromptCache:
         )
 
 
+@dataclass
+class SetContexts:
+    """GCPO's contexts ``x_{i,l}`` read as sets (``ColliderGraphBuilder(context_layout="set")``), one row per candidate.
+
+    Each group's candidates appear once, in a block ``[P | L_0 .. L_{G-1}]`` (``P``: the context's header with ``q``;
+    ``L_k``: candidate ``k``'s line) that every context of the group shares; ``x_{i,l}`` is the block without
+    ``L_i``, followed by its tail (the integrated output ``y_{n,l}`` and the instruction). How the tokens attend to
+    each other: :mod:`gcpo_lightning.functional.set_attention`.
+    """
+
+    block_ids: Tensor  # [N, Lb] right-padded tokens of candidate n's group block (the same for the G rows of a group)
+    block_line: Tensor  # [N, Lb] -1 on P, k on candidate line k, -2 on padding
+    own: Tensor  # [N] the candidate's own line i, hidden from its contexts
+    group: Tensor  # [N] the group (prompt) index
+    tail_ids: Tensor  # [N, M, Lt] right-padded tokens of x_{i,l} after the lines
+    tail_mask: Tensor  # [N, M, Lt]
+
+    def select(self, index: Tensor) -> SetContexts:
+        """The candidates at ``index``."""
+        return SetContexts(
+            block_ids=self.block_ids[index],
+            block_line=self.block_line[index],
+            own=self.own[index],
+            group=self.group[index],
+            tail_ids=self.tail_ids[index],
+            tail_mask=self.tail_mask[index],
+        )
+
+
 def cat_prompt_caches(parts: list[PromptCache]) -> PromptCache:
     """Concatenate caches along prompts, left-padding each to the longest (masked, so the values do not matter)."""
     L = max(p.mask.shape[1] for p in parts)
@@ -221,6 +250,7 @@ class CausalGraph:
     # could); the causal KL's p_x and p_phi (Eq. 13) then need no pass of their own
     context_logps: Tensor | None = None
     context_cache: PromptCache | None = None  # [N] x_{i,0}'s KV cache from context generation, when kept
+    set_contexts: SetContexts | None = None  # the contexts as sets (context_layout: set); the causal passes use them
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -274,6 +304,7 @@ class PenaltyInputs:
     context_ids: Tensor | None = None  # [N, Px] the context x_i = x_{i,0} pi_theta is scored on (Eq. 12)
     context_mask: Tensor | None = None  # [N, Px]
     context_cache: PromptCache | None = None  # [N] x_i's KV cache under the rollout policy (context_frozen)
+    set_contexts: SetContexts | None = None  # [N] x_i as a set (context_layout: set), scored packed per group
 
     def select(self, index: Tensor) -> PenaltyInputs:
         """The rows at ``index`` of every tensor (and :class:`PromptCache`) field; other fields as they are."""
@@ -290,8 +321,8 @@ class PenaltyInputs:
 
 
 def _rows(value: Any) -> bool:
-    """Whether a field has one row per completion (a tensor or a prompt cache)."""
-    return isinstance(value, Tensor | PromptCache)
+    """Whether a field has one row per completion (a tensor, a prompt cache, set contexts)."""
+    return isinstance(value, Tensor | PromptCache | SetContexts)
 
 
 @dataclass

@@ -46,6 +46,24 @@ def settings_errors(m: Any) -> list[str]:
     for fn in m.reward_funcs:
         if not callable(fn):
             errors.append(f"reward function {fn!r} is not callable")
+    return errors + set_layout_errors(m)
+
+
+def set_layout_errors(m: Any) -> list[str]:
+    """What ``graph_builder.init_args.context_layout: set`` cannot be combined with (the sampler's backend, the
+    causal KL's ``policy_context: context_frozen``)."""
+    if getattr(m.graph_builder, "context_layout", "text") != "set":
+        return []
+    errors = []
+    if not hasattr(m.sampler, "sample_set") or not hasattr(getattr(m.sampler, "backend", None), "generate_set"):
+        errors.append(
+            "graph_builder context_layout: set needs a GroupSampler with the KVCacheLoop backend, got "
+            f"{type(m.sampler).__name__} with {getattr(m.sampler, 'backend', None)!r}"
+        )
+    if getattr(m.kl, "policy_context", None) == "context_frozen":
+        errors.append(
+            "graph_builder context_layout: set works with kl policy_context: context or query, not context_frozen"
+        )
     return errors
 
 

@@ -12,7 +12,7 @@ Every phase is one batched sampler call over the whole batch (no Python loop ove
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,8 +23,9 @@ from gcpo_lightning.components.graphs.prompts import (
     INTEGRATION_TEMPLATE,
     render_candidates,
 )
+from gcpo_lightning.components.graphs.set_prompts import build_set_contexts, split_context_template
 from gcpo_lightning.components.scoring.logprobs import score_in_batches
-from gcpo_lightning.interfaces.containers import CausalGraph, PolicyModels, Rollout, require
+from gcpo_lightning.interfaces.containers import CausalGraph, PolicyModels, Rollout, SetContexts, require
 from gcpo_lightning.interfaces.protocols import CausalGraphBuilder, Sampler
 
 
@@ -68,6 +69,14 @@ class ColliderGraphBuilder(CausalGraphBuilder):
             generation (``CausalGraph.context_cache``), which ``CausalProjectedKL(policy_context="context_frozen")``
             then attends to instead of encoding ``x_i`` again (same values; valid until the first optimiser step).
             Memory: one cache row per candidate.
+        context_layout: ``text`` (the paper's contexts as prompts: each ``x_{i,l}`` is read in order, every
+            candidate attending to those before it) or ``set`` (**[decision]**, the paper's ``x_i`` is a set: each
+            group's header and candidate lines are encoded once, every line attending only to the header and itself,
+            and each context is that encoding without its own candidate's line, followed by its tail; positions keep
+            a gap where ``y_i`` was). ``set`` prefills one block per group instead of one context per candidate and
+            lets the causal KL's passes on ``x_i`` pack a whole group into one sequence; its deviation from ``text``
+            is measured in docs/benchmarks.md. Needs the ``KVCacheLoop`` backend, ``represent_in_context: false``,
+            ``keep_context_cache: false`` and a context template with ``{others}`` followed by a newline.
     """
 
     def __init__(
@@ -83,6 +92,7 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         share_prefix: bool = True,
         score_candidates: bool = True,
         keep_context_cache: bool = False,
+        context_layout: Literal["text", "set"] = "text",
     ) -> None:
         if num_integrated < 1:
             raise ValueError(f"ColliderGraphBuilder: num_integrated (M) must be >= 1, got {num_integrated}")
@@ -94,6 +104,17 @@ class ColliderGraphBuilder(CausalGraphBuilder):
             raise ValueError(
                 f"ColliderGraphBuilder: max_candidate_tokens must be >= 1 or null, got {max_candidate_tokens}"
             )
+        if context_layout not in ("text", "set"):
+            raise ValueError(f"ColliderGraphBuilder: context_layout must be 'text' or 'set', got {context_layout!r}")
+        if context_layout == "set":
+            split_context_template(context_template)  # raises, naming what the template lacks
+            if represent_in_context:
+                raise ValueError("ColliderGraphBuilder: context_layout: set needs represent_in_context: false")
+            if keep_context_cache:
+                raise ValueError(
+                    "ColliderGraphBuilder: context_layout: set does not keep x_i's KV cache (keep_context_cache, for "
+                    "policy_context: context_frozen); use context_layout: text for that"
+                )
         require_placeholders("integration_template", integration_template, ("question", "candidates"))
         require_placeholders("context_template", context_template, ("question", "others", "integrated"))
         require_placeholders("candidate_template", candidate_template, ("index", "text"))
@@ -108,6 +129,7 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         self.share_prefix = share_prefix
         self.score_candidates = score_candidates
         self.keep_context_cache = keep_context_cache
+        self.context_layout = context_layout
 
     # ----- prompts -----------------------------------------------------------------------------------------------
 
@@ -167,9 +189,29 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         start = time.perf_counter()
         continuations = self.continuations(rollout, M) if self.score_candidates else None  # N*M, y_i after x_{i,l}
         keep = list(range(0, len(flat), M)) if self.keep_context_cache else None  # x_{i,0}, order (b, i)
-        samples = self.sample(
-            sampler, models, per_candidate, K, score=self.represent_in_context, continuations=continuations, keep=keep
-        )  # N*M*K rows, order (b, i, l, k)
+        set_contexts = None
+        if self.context_layout == "set":
+            set_contexts = build_set_contexts(
+                models,
+                questions,
+                cands,
+                integrated,
+                G,
+                self.context_template,
+                self.candidate_template,
+                rollout.completion_ids.device,
+            )
+            samples = self.sample_set(sampler, models, set_contexts, K, continuations, keep)
+        else:
+            samples = self.sample(
+                sampler,
+                models,
+                per_candidate,
+                K,
+                score=self.represent_in_context,
+                continuations=continuations,
+                keep=keep,
+            )  # N*M*K rows, order (b, i, l, k)
         metrics["timing/context_generation"] = time.perf_counter() - start
         metrics.update(throughput("context_generation", samples, metrics["timing/context_generation"]))
         start = time.perf_counter()
@@ -192,6 +234,7 @@ class ColliderGraphBuilder(CausalGraphBuilder):
             context_samples=samples.completions,  # [N*M*K] O_{i,l,k}
             context_logps=self.context_logps(samples, N, M, rollout.completion_ids.shape[1]),  # [N, M, T] or None
             context_cache=samples.prompt_cache,  # [N] x_{i,0}'s KV cache, or None
+            set_contexts=set_contexts,  # the contexts as sets (context_layout: set), or None
             metrics=metrics,
         )
 
@@ -228,6 +271,24 @@ class ColliderGraphBuilder(CausalGraphBuilder):
                 return sampler.sample_shared(models, groups, K, score=score)
             return sampler.sample_shared(models, groups, K, score=score, continuations=continuations, keep_cache=keep)
         return sampler.sample(models, [p for g in groups for p in g], K, score=score)
+
+    @staticmethod
+    def sample_set(
+        sampler: Sampler,
+        models: PolicyModels,
+        contexts: SetContexts,
+        K: int,
+        continuations: list[list[int]] | None,
+        keep: list[int] | None,
+    ) -> Rollout:
+        """``K`` samples of every context read as a set (``context_layout: set``), rows ``(b, i, l, k)``."""
+        sample = getattr(sampler, "sample_set", None)
+        if sample is None:
+            raise ValueError(
+                f"ColliderGraphBuilder: context_layout: set needs a sampler with sample_set (GroupSampler with the "
+                f"KVCacheLoop backend), got {type(sampler).__name__}"
+            )
+        return sample(models, contexts, K, continuations=continuations, keep_cache=keep)
 
     def represent(self, samples: Rollout, rollout: Rollout, models: PolicyModels, per_candidate: int) -> Tensor:
         """``rep(O)`` of every context sample: under its own context, or (default) under ``prompt(q)``.

@@ -23,6 +23,7 @@ from gcpo_lightning.components.scoring.logprobs import (
     score_in_batches,
 )
 from gcpo_lightning.components.scoring.prefix_sharing import shared_prefix_logps
+from gcpo_lightning.components.scoring.set_scoring import set_context_logps
 from gcpo_lightning.functional.causal import projected_reference_probs
 from gcpo_lightning.functional.losses import k3, masked_mean
 from gcpo_lightning.interfaces.containers import (
@@ -32,6 +33,7 @@ from gcpo_lightning.interfaces.containers import (
     PolicyModels,
     Rollout,
     Scores,
+    SetContexts,
     require,
 )
 from gcpo_lightning.interfaces.protocols import ProjectedKL
@@ -69,6 +71,28 @@ def context_probs(rollout: Rollout, graph: CausalGraph, models: PolicyModels, ba
         logits_chunk_size=models.logits_chunk_size,
     )
     return scores.logps.exp().view(N, M, -1)
+
+
+@torch.no_grad()
+def context_probs_set(rollout: Rollout, contexts: SetContexts, models: PolicyModels) -> Tensor:
+    """As :func:`context_probs`, the contexts read as sets, one packed sequence per group.  ``[N, M, T]``."""
+    N, M = contexts.tail_ids.shape[:2]
+    policy, was_training = models.policy, models.policy.training
+    policy.eval()
+    try:
+        rows = torch.arange(N, device=contexts.own.device).repeat_interleave(M)  # [N*M] order (n, l)
+        logps = set_context_logps(
+            policy,
+            contexts.select(rows),
+            torch.arange(M, device=rows.device).repeat(N),
+            rollout.completion_ids[rows],
+            rollout.completion_mask[rows],
+            models.temperature,
+            models.logits_chunk_size or 16,
+        )
+    finally:
+        policy.train(was_training)
+    return logps.exp().view(N, M, -1)
 
 
 class CausalProjectedKL(ProjectedKL):
@@ -144,6 +168,7 @@ class CausalProjectedKL(ProjectedKL):
                 out.context_mask = require(graph.context_mask, "CausalGraph.context_mask")[:, 0]  # [N, Px]
             if self.policy_context == "context_frozen":
                 out.context_cache = graph.context_cache  # [N] x_i's KV cache from context generation, if kept
+            out.set_contexts = graph.set_contexts  # x_i read as a set (context_layout: set), or None
         return out
 
     def context_probs(self, rollout: Rollout, graph: CausalGraph, models: PolicyModels) -> Tensor:
@@ -151,6 +176,8 @@ class CausalProjectedKL(ProjectedKL):
         contexts (``ColliderGraphBuilder(score_candidates=True)``), else one pass of its own."""
         if graph.context_logps is not None:
             return graph.context_logps.exp()
+        if graph.set_contexts is not None:
+            return context_probs_set(rollout, graph.set_contexts, models)
         probs = context_probs_shared if self.share_prefix else context_probs
         return probs(rollout, graph, models, self.batch_size)
 
@@ -185,6 +212,21 @@ class CausalProjectedKL(ProjectedKL):
             return scores.logps
         if prepared.context_ids is None or prepared.context_mask is None:
             raise ValueError("CausalProjectedKL: policy_context='context' needs the contexts from prepare()")
+        if self.policy_context == "context" and prepared.set_contexts is not None:
+            return set_context_logps(  # one packed sequence per group (context_layout: set)
+                models.policy,
+                prepared.set_contexts,
+                torch.zeros_like(prepared.set_contexts.own),  # x_i = x_{i,0}
+                rollout.completion_ids,
+                rollout.completion_mask,
+                models.temperature,
+                models.logits_chunk_size or 16,
+            )
+        if prepared.set_contexts is not None:
+            raise ValueError(
+                "CausalProjectedKL: policy_context: context_frozen needs the graph builder's context_layout: text "
+                "(with context_layout: set use policy_context: context or query)"
+            )
         if self.policy_context == "context_frozen" and prepared.context_cache is not None:
             return score_after_cache(  # x_i's KV cache from context generation (the policy has not moved yet)
                 models.policy,

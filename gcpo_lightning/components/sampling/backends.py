@@ -23,6 +23,7 @@ from gcpo_lightning.components.sampling.decoding import (
     prefill_shared,
     score_forced_rows,
 )
+from gcpo_lightning.components.sampling.set_decoding import decode_set
 from gcpo_lightning.components.sampling.static_decoding import (
     StaticBuffers,
     Step,
@@ -47,6 +48,19 @@ class Decoding:
     top_k: int
     greedy: bool
     min_new_tokens: int
+
+    def loop_args(self) -> tuple[int, list[int], int, float, float, int, bool, int]:
+        """The decoding loop's positional settings: ``max_new_tokens`` to ``min_new_tokens``, in field order."""
+        return (
+            self.max_new_tokens,
+            self.eos_ids,
+            self.pad_id,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.greedy,
+            self.min_new_tokens,
+        )
 
 
 class GenerationBackend:
@@ -80,19 +94,11 @@ class KVCacheLoop(GenerationBackend):
         return f"{type(self).__name__}(preallocate={self.preallocate}, compact={self.compact})"
 
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, decoding: Decoding) -> Tensor:
-        d = decoding
         return decode(
             model,
             prompt_ids,
             prompt_mask,
-            d.max_new_tokens,
-            d.eos_ids,
-            d.pad_id,
-            d.temperature,
-            d.top_p,
-            d.top_k,
-            d.greedy,
-            d.min_new_tokens,
+            *decoding.loop_args(),
             preallocate=self.preallocate,
             compact=self.compact,
         )
@@ -112,7 +118,6 @@ class KVCacheLoop(GenerationBackend):
         copied to its rows (:func:`~gcpo_lightning.components.sampling.decoding.decode_shared_prefix`), and the
         log-probs of the ``forced`` continuations, scored on that cache before decoding (and the KV cache of the
         prompts ``forced.keep`` names)."""
-        d = decoding
         return decode_shared_prefix(
             model,
             prefix_ids,
@@ -120,17 +125,47 @@ class KVCacheLoop(GenerationBackend):
             suffix_ids,
             suffix_mask,
             owner,
-            d.max_new_tokens,
-            d.eos_ids,
-            d.pad_id,
-            d.temperature,
-            d.top_p,
-            d.top_k,
-            d.greedy,
-            d.min_new_tokens,
+            *decoding.loop_args(),
             forced=forced,
             compact=self.compact,
         )
+
+    def generate_set(
+        self,
+        model: nn.Module,
+        blocks: SetBlocks,
+        tail_ids: Tensor,
+        tail_mask: Tensor,
+        owner: Tensor,
+        decoding: Decoding,
+        forced: Forced | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, PromptCache | None] | None]:
+        """Rows after GCPO contexts read as sets: each group ``blocks`` prefilled once, each context its block's
+        cache without its own candidate's line, the rows' tails (``owner``: the context of each row) on top
+        (:func:`~gcpo_lightning.components.sampling.set_decoding.decode_set`)."""
+        return decode_set(
+            model,
+            blocks.ids,
+            blocks.line,
+            blocks.context_group,
+            blocks.context_own,
+            tail_ids,
+            tail_mask,
+            owner,
+            *decoding.loop_args(),
+            forced=forced,
+            compact=self.compact,
+        )
+
+
+@dataclass(frozen=True)
+class SetBlocks:
+    """The group blocks of contexts read as sets, for :meth:`KVCacheLoop.generate_set`."""
+
+    ids: Tensor  # [b, Lb] right-padded blocks [P | L_0 .. L_{G-1}]
+    line: Tensor  # [b, Lb] their line codes (gcpo_lightning.functional.set_attention)
+    context_group: Tensor  # [p] the block of each context (candidate)
+    context_own: Tensor  # [p] the line each context hides
 
 
 class StaticCacheLoop(GenerationBackend):

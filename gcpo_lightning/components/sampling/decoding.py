@@ -151,9 +151,29 @@ def decode_shared_prefix(
         ``([n, T] completion tokens, (the forced continuations' [f, T_forced] log-probs, the KV cache of the
         prompts ``forced.keep`` names) or None)``.
     """
-    logits, cache, mask, positions = prefill_shared(
-        model, prefix_ids, prefix_mask, suffix_ids, suffix_mask, owner, max_new_tokens
-    )
+    prefilled = prefill_shared(model, prefix_ids, prefix_mask, suffix_ids, suffix_mask, owner, max_new_tokens)
+    settings = (max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, greedy, min_new_tokens, compact)
+    return score_then_decode(model, prefilled, suffix_ids, forced, *settings)
+
+
+def score_then_decode(
+    model: nn.Module,
+    prefilled: tuple,
+    suffix_ids: Tensor,
+    forced: Forced | None,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    greedy: bool,
+    min_new_tokens: int,
+    compact: float | None,
+) -> tuple[Tensor, tuple[Tensor, PromptCache | None] | None]:
+    """After a prefill ``(logits, cache, mask, positions)`` of rows ending in ``suffix_ids``: score the ``forced``
+    continuations on a copy of the cache (:func:`score_forced_rows`), then decode (:func:`decode_loop`)."""
+    logits, cache, mask, positions = prefilled
     scored = None if forced is None else score_forced_rows(model, cache, logits, mask, positions, suffix_ids, forced)
     tokens = decode_loop(
         model,

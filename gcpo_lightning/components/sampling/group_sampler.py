@@ -10,9 +10,10 @@ from torch import Tensor
 
 from gcpo_lightning.components.sampling.backends import Decoding, GenerationBackend, KVCacheLoop
 from gcpo_lightning.components.sampling.decoding import Forced
+from gcpo_lightning.components.sampling.set_sampling import sample_set
 from gcpo_lightning.components.scoring.logprobs import score_in_batches
 from gcpo_lightning.components.scoring.prefix_sharing import common_prefix_length
-from gcpo_lightning.interfaces.containers import PolicyModels, PromptCache, Rollout, cat_prompt_caches
+from gcpo_lightning.interfaces.containers import PolicyModels, PromptCache, Rollout, SetContexts, cat_prompt_caches
 from gcpo_lightning.interfaces.protocols import Sampler
 
 
@@ -114,6 +115,27 @@ class GroupSampler(Sampler):
         rollout = self._rollout(models, flat, prompt_ids, prompt_mask, completion_ids, num_generations, start, score)
         rollout.continuation_logps, rollout.prompt_cache = forced_logps, cache
         return rollout
+
+    @torch.no_grad()
+    def sample_set(
+        self,
+        models: PolicyModels,
+        contexts: SetContexts,
+        num_generations: int,
+        greedy: bool = False,
+        continuations: list[list[int]] | None = None,
+        keep_cache: list[int] | None = None,
+    ) -> Rollout:
+        """``num_generations`` unscored samples after each of GCPO's contexts read as sets (rows ``(n, l, k)``):
+        each group's block is prefilled once (:func:`~gcpo_lightning.components.sampling.set_sampling.sample_set`;
+        ``continuations`` and ``keep_cache`` as in :meth:`sample_shared`). Needs a backend with ``generate_set``
+        (:class:`KVCacheLoop`)."""
+        if not hasattr(self.backend, "generate_set"):
+            raise ValueError(
+                f"GroupSampler.sample_set: the backend {self.backend!r} cannot read contexts as sets "
+                "(context_layout: set needs backend: KVCacheLoop)"
+            )
+        return sample_set(self, models, contexts, num_generations, greedy, continuations, keep_cache)
 
     def _encode(self, models: PolicyModels, prompts: list[str], num_generations: int) -> tuple[Tensor, Tensor]:
         """Left-padded prompt ids and mask, each row repeated ``num_generations`` times.  ``[N, P]`` twice."""

@@ -1,0 +1,113 @@
+"""Decode GCPO's context samples with the contexts read as sets (``context_layout: set``).
+
+Each group's block ``[P | L_0 .. L_{G-1}]`` is prefilled once, every line attending only to ``P`` and itself
+(:mod:`gcpo_lightning.functional.set_attention`). A context of candidate ``i`` is then that block's KV cache without
+``L_i``'s positions (gathered, not recomputed), its tail prefilled on top at positions after the block's end; the
+decode goes on as in :func:`~gcpo_lightning.components.sampling.decoding.decode`. A group's ``G`` contexts cost one
+block prefill instead of ``G`` prefills of ``q`` and ``G - 1`` candidates each.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from gcpo_lightning.components.sampling.decoding import Forced, preallocate_cache, score_then_decode
+from gcpo_lightning.functional.set_attention import PAD, set_attention_mask, visible_block_positions
+from gcpo_lightning.interfaces.containers import PromptCache
+
+
+def prefill_blocks(model: nn.Module, block_ids: Tensor, block_line: Tensor):
+    """One forward pass over the right-padded group blocks (set attention) into a new ``DynamicCache``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    none = torch.full_like(block_line, -1)
+    model(
+        input_ids=block_ids,
+        attention_mask=set_attention_mask(block_line, none, none, next(model.parameters()).dtype),  # [b, 1, Lb, Lb]
+        position_ids=torch.arange(block_ids.shape[1], device=block_ids.device).expand_as(block_ids),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return cache
+
+
+def tail_positions(block_line: Tensor, context_group: Tensor, owner: Tensor, tail_mask: Tensor) -> Tensor:
+    """``[n, Lt]`` positions of the rows' left-padded tails: after the whole block (a gap where the hidden line was)."""
+    block_length = (block_line != PAD).sum(1)[context_group][owner]  # [n]
+    return block_length.unsqueeze(1) + (tail_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def prefill_set(
+    model: nn.Module,
+    block_ids: Tensor,
+    block_line: Tensor,
+    context_group: Tensor,
+    context_own: Tensor,
+    tail_ids: Tensor,
+    tail_mask: Tensor,
+    owner: Tensor,
+    room: int,
+):
+    """Prefill the blocks, gather each context's visible block positions, prefill the rows' tails on top.
+
+    Args:
+        block_ids: ``[b, Lb]`` right-padded group blocks.
+        block_line: ``[b, Lb]`` their line codes (``PAD`` on padding).
+        context_group: ``[p]`` the block of each context prefix (candidate).
+        context_own: ``[p]`` the line each context prefix hides.
+        tail_ids: ``[n, Lt]`` left-padded tails of the rows (at least one real token each).
+        tail_mask: ``[n, Lt]``.
+        owner: ``[n]`` the context prefix of each row.
+        room: tokens to be decoded after the tails.
+
+    Returns:
+        ``(logits [n, V] predicting each row's first new token, the cache, the rows' attention mask [n, Lv+Lt],
+        their last position [n, 1])``, as :func:`~gcpo_lightning.components.sampling.decoding.prefill_shared`.
+    """
+    cache = prefill_blocks(model, block_ids, block_line)
+    index, prefix_mask = visible_block_positions(block_line[context_group], context_own)  # [p, Lv] twice
+    for layer in cache.layers:  # [b, h, Lb, d] -> [p, h, Lv, d]: each context's visible positions, in order
+        gather = index[:, None, :, None]
+        keys, values = layer.keys[context_group], layer.values[context_group]
+        layer.keys = keys.gather(2, gather.expand(-1, keys.shape[1], -1, keys.shape[-1]))
+        layer.values = values.gather(2, gather.expand(-1, values.shape[1], -1, values.shape[-1]))
+    preallocate_cache(cache, tail_ids.shape[1] + room, rows=owner)
+    mask = torch.cat([prefix_mask[owner], tail_mask], dim=1)  # [n, Lv+Lt]
+    positions = tail_positions(block_line, context_group, owner, tail_mask)  # [n, Lt]
+    out = model(
+        input_ids=tail_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+    )
+    return out.logits[:, -1], cache, mask, positions[:, -1:]
+
+
+@torch.no_grad()
+def decode_set(
+    model: nn.Module,
+    block_ids: Tensor,
+    block_line: Tensor,
+    context_group: Tensor,
+    context_own: Tensor,
+    tail_ids: Tensor,
+    tail_mask: Tensor,
+    owner: Tensor,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+    min_new_tokens: int = 0,
+    forced: Forced | None = None,
+    compact: float | None = 0.25,
+) -> tuple[Tensor, tuple[Tensor, PromptCache | None] | None]:
+    """Samples after contexts read as sets (arguments as :func:`prefill_set`; ``forced``, ``compact`` and the
+    return value as :func:`~gcpo_lightning.components.sampling.decoding.decode_shared_prefix`)."""
+    prefilled = prefill_set(
+        model, block_ids, block_line, context_group, context_own, tail_ids, tail_mask, owner, max_new_tokens
+    )
+    settings = (max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, greedy, min_new_tokens, compact)
+    return score_then_decode(model, prefilled, tail_ids, forced, *settings)
