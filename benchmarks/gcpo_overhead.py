@@ -39,6 +39,7 @@ NO_CACHE = "--model.graph_builder.init_args.keep_context_cache=false"
 CONTEXT = "--model.kl.init_args.policy_context=context"  # the paper's gradient pass on x_i
 FROZEN = "--model.kl.init_args.policy_context=context_frozen"
 SET = "--model.graph_builder.init_args.context_layout=set"
+BATCH512 = "--model.sampler.init_args.generation_batch_size=512"
 VARIANTS: dict[str, list[str]] = {
     # the textual-context path as it was before issue 10: one prompt per context row, a KV cache grown by cat
     "textual": [
@@ -63,6 +64,11 @@ VARIANTS: dict[str, list[str]] = {
     "query": ["--model.kl.init_args.policy_context=query"],
     # the contexts read as sets ([decision]): one block per group in context generation and in the pass on x_i
     "set": [SET],
+    # the same, each row's KV cache holding a copy of its group's block (no cascade attention)
+    "set_gather": [SET, backend(cascade=False)],
+    # generation in batches of up to 512 rows instead of configs/gcpo.yaml's 64 (fewer decoding steps in all)
+    "default_batch512": [BATCH512],
+    "set_batch512": [SET, BATCH512],
     # both decisions: contexts as sets, the causal KL conditioned on q
     "set_query": [SET, "--model.kl.init_args.policy_context=query"],
 }

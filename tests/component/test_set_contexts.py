@@ -188,3 +188,38 @@ def test_set_layout_needs_a_backend_that_can(make_module, tiny_model_dir):
     module.sampler.backend = HFGenerate()
     with pytest.raises(ValueError, match="KVCacheLoop"):
         module.graph_builder.build(rollout, models, module.sampler)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cascade_attention_equals_the_gathered_cache(make_module, temperature):
+    # the shipped arithmetic model: rows end at different steps, so compaction drops rows from the shared blocks too
+    from gcpo_lightning.components.sampling import set_cascade
+    from gcpo_lightning.components.sampling.backends import KVCacheLoop
+    from gcpo_lightning.policy.loading import ASSETS
+
+    module, models, rollout = _graph(make_module, ASSETS / "tiny-arith", G=4, M=2, K=2, batch=20)
+    module.sampler.temperature = temperature
+    module.sampler.max_completion_length = 64
+    assert set_cascade.supports_cascade(models.policy)
+    graphs = []
+    for cascade in (False, True):
+        module.sampler.backend = KVCacheLoop(cascade=cascade)
+        torch.manual_seed(3)
+        graphs.append(module.graph_builder.build(rollout, models, module.sampler))
+    gathered, cascaded = graphs
+    assert models.policy.config._attn_implementation == "sdpa"  # switched back after generation
+    assert cascaded.context_samples == gathered.context_samples
+    if temperature > 0:  # sampled rows end at different steps: compaction drops rows from the shared blocks
+        assert len({len(s) for s in cascaded.context_samples}) > 1
+    real = rollout.completion_mask.bool().unsqueeze(1).expand_as(gathered.context_logps)
+    torch.testing.assert_close(cascaded.context_logps[real], gathered.context_logps[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cascaded.context_representations, gathered.context_representations, atol=1e-5, rtol=1e-5)
+
+
+def test_cascade_attention_outside_its_block_is_an_error():
+    from gcpo_lightning.components.sampling.set_cascade import set_cascade_attention
+
+    with pytest.raises(RuntimeError, match="outside cascade_attention"):
+        set_cascade_attention(
+            torch.nn.Module(), torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), None
+        )

@@ -82,16 +82,20 @@ class KVCacheLoop(GenerationBackend):
         compact: once this fraction of the rows in the batch has finished, drop them (and their KV cache rows)
             so that later steps cost only the rows still writing; the same tokens, sampled or greedy, because
             every step draws one number per original row. ``null`` keeps every row to the end (the old loop).
+        cascade: with GCPO's contexts read as sets (``generate_set``) on CPU, attend to each group's shared block
+            once per step (cascade attention) instead of copying it into every row's KV cache: the same tokens to
+            float rounding; ``false`` copies it (as on other devices).
     """
 
-    def __init__(self, preallocate: bool = True, compact: float | None = 0.25) -> None:
+    def __init__(self, preallocate: bool = True, compact: float | None = 0.25, cascade: bool = True) -> None:
         if compact is not None and not 0 < compact <= 1:
             raise ValueError(f"KVCacheLoop: compact must be in (0, 1] or null, got {compact}")
         self.preallocate = preallocate
         self.compact = compact
+        self.cascade = cascade
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(preallocate={self.preallocate}, compact={self.compact})"
+        return f"{type(self).__name__}(preallocate={self.preallocate}, compact={self.compact}, cascade={self.cascade})"
 
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, decoding: Decoding) -> Tensor:
         return decode(
@@ -155,6 +159,7 @@ class KVCacheLoop(GenerationBackend):
             *decoding.loop_args(),
             forced=forced,
             compact=self.compact,
+            cascade=self.cascade,
         )
 
 

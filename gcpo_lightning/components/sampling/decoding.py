@@ -382,7 +382,11 @@ def decode_loop(
 
 
 def select_cache_rows(cache, rows: Tensor) -> None:
-    """Keep only the batch ``rows`` (``[a]`` indices) of every layer of a ``DynamicCache``, preallocated or not."""
+    """Keep only the batch ``rows`` (``[a]`` indices) of every layer of a ``DynamicCache``, preallocated or not (and
+    of the blocks the rows attend to by cascade, ``set_cascade.SharedBlocks``, when the cache carries them)."""
+    shared = getattr(cache, "shared_blocks", None)
+    if shared is not None:
+        shared.select_(rows)
     for layer in cache.layers:
         if hasattr(layer, "key_buffer"):
             layer.key_buffer = layer.key_buffer.index_select(0, rows)

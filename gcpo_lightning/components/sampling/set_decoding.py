@@ -9,10 +9,18 @@ block prefill instead of ``G`` prefills of ``q`` and ``G - 1`` candidates each.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from gcpo_lightning.components.sampling.decoding import Forced, preallocate_cache, score_then_decode
+from gcpo_lightning.components.sampling.decoding import (
+    Forced,
+    preallocate_cache,
+    score_forced_rows,
+    score_then_decode,
+)
+from gcpo_lightning.components.sampling.set_cascade import SharedBlocks, cascade_attention, supports_cascade
 from gcpo_lightning.functional.set_attention import PAD, set_attention_mask, visible_block_positions
 from gcpo_lightning.interfaces.containers import PromptCache
 
@@ -83,6 +91,45 @@ def prefill_set(
     return out.logits[:, -1], cache, mask, positions[:, -1:]
 
 
+def prefill_set_cascade(
+    model: nn.Module,
+    block_ids: Tensor,
+    block_line: Tensor,
+    context_group: Tensor,
+    context_own: Tensor,
+    tail_ids: Tensor,
+    tail_mask: Tensor,
+    owner: Tensor,
+    room: int,
+):
+    """As :func:`prefill_set`, the blocks' KV cache kept once (:class:`SharedBlocks`, read by cascade attention) and
+    the rows' cache holding only their tails. Returns ``(logits, cache, mask [n, Lt], positions [n, 1], shared)``."""
+    from transformers import DynamicCache
+
+    blocks = prefill_blocks(model, block_ids, block_line)
+    line = block_line[context_group][owner]  # [n, Lb]
+    shared = SharedBlocks(
+        keys=[layer.keys for layer in blocks.layers],
+        values=[layer.values for layer in blocks.layers],
+        group=context_group[owner],
+        visible=(line != PAD) & (line != context_own[owner].unsqueeze(1)),
+    )
+    cache: Any = DynamicCache()
+    positions = tail_positions(block_line, context_group, owner, tail_mask)  # [n, Lt]
+    with cascade_attention(model, shared):
+        out = model(
+            input_ids=tail_ids,
+            attention_mask=tail_mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    preallocate_cache(cache, room)
+    cache.shared_blocks = shared  # the decode loop's compaction keeps it in step with the rows
+    return out.logits[:, -1], cache, tail_mask, positions[:, -1:], shared
+
+
 @torch.no_grad()
 def decode_set(
     model: nn.Module,
@@ -103,11 +150,26 @@ def decode_set(
     min_new_tokens: int = 0,
     forced: Forced | None = None,
     compact: float | None = 0.25,
+    cascade: bool = True,
 ) -> tuple[Tensor, tuple[Tensor, PromptCache | None] | None]:
     """Samples after contexts read as sets (arguments as :func:`prefill_set`; ``forced``, ``compact`` and the
-    return value as :func:`~gcpo_lightning.components.sampling.decoding.decode_shared_prefix`)."""
-    prefilled = prefill_set(
-        model, block_ids, block_line, context_group, context_own, tail_ids, tail_mask, owner, max_new_tokens
-    )
+    return value as :func:`~gcpo_lightning.components.sampling.decoding.decode_shared_prefix`).
+
+    ``cascade`` (on CPU, :func:`supports_cascade`) reads each group's block once per step by cascade attention
+    (:mod:`~gcpo_lightning.components.sampling.set_cascade`) instead of from a copy in every row's KV cache: the
+    same numbers to float rounding; it cannot return the contexts' KV cache (``forced.keep``).
+    """
+    args = (model, block_ids, block_line, context_group, context_own, tail_ids, tail_mask, owner, max_new_tokens)
     settings = (max_new_tokens, eos_ids, pad_id, temperature, top_p, top_k, greedy, min_new_tokens, compact)
-    return score_then_decode(model, prefilled, tail_ids, forced, *settings)
+    if not (cascade and supports_cascade(model)):
+        return score_then_decode(model, prefill_set(*args), tail_ids, forced, *settings)
+    if forced is not None and forced.keep is not None:
+        raise ValueError("decode_set: cascade attention does not keep the contexts' KV cache (forced.keep)")
+    logits, cache, mask, positions, shared = prefill_set_cascade(*args)
+    scored = None
+    if forced is not None:
+        with cascade_attention(model, shared.select(forced.rows)):
+            scored = score_forced_rows(model, cache, logits, mask, positions, tail_ids, forced)
+    with cascade_attention(model, shared):
+        tokens, _ = score_then_decode(model, (logits, cache, mask, positions), tail_ids, None, *settings)
+    return tokens, scored
