@@ -19,7 +19,7 @@ import torch
 from gcpo_lightning import CausalProjectedKL, ColliderGraphBuilder, GroupSampler
 from gcpo_lightning.components.penalties.causal_kl import context_probs_set
 from gcpo_lightning.components.scoring.logprobs import score_completions
-from gcpo_lightning.components.scoring.set_scoring import set_context_logps
+from gcpo_lightning.components.scoring.set_scoring import packed_set_logps, set_context_logps
 from gcpo_lightning.functional.set_attention import BRANCH, PAD, SHARED, set_attention_allowed
 
 pytestmark = pytest.mark.usefixtures("own_random_stream")  # these tests seed torch's generator
@@ -125,32 +125,33 @@ def test_scores_of_set_generation_equal_the_packed_pass(make_module, tiny_model_
     torch.testing.assert_close(ours.causal_ref_logps[real], theirs.causal_ref_logps[real], atol=1e-5, rtol=1e-5)
 
 
-def test_packing_branches_changes_neither_values_nor_gradient(make_module, tiny_model_dir):
+def test_the_two_pass_scores_equal_one_packed_sequence_per_group_values_and_gradient(make_module, tiny_model_dir):
     module, models, rollout = _graph(make_module, tiny_model_dir, K=1)
     graph = module.graph_builder.build(rollout, models, module.sampler)
-    sets, N = graph.set_contexts, rollout.completion_ids.shape[0]
-    tails = torch.zeros(N, dtype=torch.long)
-    mask = rollout.completion_mask.bool()
+    sets, N, M = graph.set_contexts, rollout.completion_ids.shape[0], 2
+    rows = torch.tensor([4, 1, 5, 0, 2, 2])  # across groups, out of order, one candidate twice (two contexts)
+    tails = torch.tensor([0, 1, 0, 1, 0, 1])
+    ids, mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
+    real = mask.bool()
     params = [p for p in models.policy.parameters() if p.requires_grad]
-    packed = set_context_logps(models.policy, sets, tails, rollout.completion_ids, rollout.completion_mask)
-    alone = torch.cat(
-        [
-            set_context_logps(
-                models.policy,
-                sets.select(torch.tensor([n])),
-                tails[:1],
-                rollout.completion_ids[n : n + 1],
-                rollout.completion_mask[n : n + 1],
-            )
-            for n in range(N)
-        ]
-    )  # one branch per sequence
-    torch.testing.assert_close(packed[mask], alone[mask], atol=1e-5, rtol=1e-5)
-    g_packed = torch.autograd.grad(packed[mask].sum(), params)
-    g_alone = torch.autograd.grad(alone[mask].sum(), params)
-    for a, b in zip(g_packed, g_alone):
+    packed = packed_set_logps(models.policy, sets.select(rows), tails, ids, mask)  # branches masked from each other
+    two_pass = set_context_logps(models.policy, sets.select(rows), tails, ids, mask)
+    torch.testing.assert_close(two_pass[real], packed[real], atol=1e-5, rtol=1e-5)
+    g_packed = torch.autograd.grad(packed[real].sum(), params)
+    g_two_pass = torch.autograd.grad(two_pass[real].sum(), params)
+    for a, b in zip(g_two_pass, g_packed):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in g_packed)
+    alone = torch.cat(  # one branch per sequence: packing several branches into one changes nothing
+        [
+            packed_set_logps(
+                models.policy, sets.select(rows[r : r + 1]), tails[r : r + 1], ids[r : r + 1], mask[r : r + 1]
+            )
+            for r in range(len(rows))
+        ]
+    )
+    torch.testing.assert_close(alone[real], packed[real], atol=1e-5, rtol=1e-5)
+    assert N == 6 and M == 2
 
 
 def test_causal_kl_pass_on_x_i_equals_the_generation_scores_and_follows_micro_batches(make_module, tiny_model_dir):

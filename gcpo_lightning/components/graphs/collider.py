@@ -74,7 +74,7 @@ class ColliderGraphBuilder(CausalGraphBuilder):
             group's header and candidate lines are encoded once, every line attending only to the header and itself,
             and each context is that encoding without its own candidate's line, followed by its tail; positions keep
             a gap where ``y_i`` was). ``set`` prefills one block per group instead of one context per candidate and
-            lets the causal KL's passes on ``x_i`` pack a whole group into one sequence; its deviation from ``text``
+            lets the causal KL's passes on ``x_i`` encode each group's block once; its deviation from ``text``
             is measured in docs/benchmarks.md. Needs the ``KVCacheLoop`` backend, ``represent_in_context: false``,
             ``keep_context_cache: false`` and a context template with ``{others}`` followed by a newline.
     """

@@ -10,12 +10,13 @@ as a set. A group's ``G`` contexts cost one block plus ``G`` short branches inst
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gcpo_lightning.components.scoring.logprobs import chunked_head_logps, final_states, lm_head
-from gcpo_lightning.functional.set_attention import BRANCH, PAD, set_attention_mask
+from gcpo_lightning.functional.set_attention import BRANCH, PAD, set_attention_mask, visible_block_positions
 from gcpo_lightning.interfaces.containers import SetContexts
 
 
@@ -87,7 +88,7 @@ def pack_sets(contexts: SetContexts, tails: Tensor, completion_ids: Tensor, comp
     )
 
 
-def set_context_logps(
+def packed_set_logps(
     model: nn.Module,
     contexts: SetContexts,
     tails: Tensor,
@@ -96,12 +97,9 @@ def set_context_logps(
     temperature: float = 1.0,
     chunk_size: int = 16,
 ) -> Tensor:
-    """``log p(y_t | x_{i,l}, y_<t)`` of each row's completion under its context read as a set.  ``[r, T]``.
-
-    One forward pass over one packed sequence per group (:func:`pack_sets`); gradients flow when grad is
-    enabled (the causal KL's ``pi_theta(y_i | x_i)``), through the block and the branches alike. Positions past a
-    completion's end hold the log-prob of token ``completion_ids[r, t]`` at an arbitrary position: mask them.
-    """
+    """:func:`set_context_logps` as one forward pass over one packed sequence per group (:func:`pack_sets`), every
+    branch masked from the others: the plainest statement of the layout, which :func:`set_context_logps` (cheaper:
+    it computes no attention between branches) is tested against.  ``[r, T]``."""
     packed = pack_sets(contexts, tails, completion_ids, completion_mask)
     dtype = next(model.parameters()).dtype
     mask = set_attention_mask(packed.line, packed.hidden, packed.branch, dtype)  # [g, 1, L, L]
@@ -116,4 +114,74 @@ def set_context_logps(
         )
     states = captured["states"] if captured else out.hidden_states[-1]  # [g, L, D] after the final norm
     rows = states[packed.sequence.unsqueeze(1), packed.predict_at]  # [r, T, D]
+    return chunked_head_logps(lm_head(model), rows, completion_ids, temperature, chunk_size)[0]  # [r, T]
+
+
+def set_context_logps(
+    model: nn.Module,
+    contexts: SetContexts,
+    tails: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 16,
+) -> Tensor:
+    """``log p(y_t | x_{i,l}, y_<t)`` of each row's completion under its context read as a set.  ``[r, T]``.
+
+    Two passes: the rows' group blocks into a KV cache (once per group), each row's visible block positions
+    gathered from it, then every row's branch ``[tail | y[:-1]]`` on top of its gathered cache, so that a branch
+    attends to its own context and itself only. Gradients flow when grad is enabled (the causal KL's
+    ``pi_theta(y_i | x_i)``), through the blocks and the branches alike. Equals :func:`packed_set_logps` to float
+    rounding, values and gradient (tested). Positions past a completion's end hold the log-prob of
+    ``completion_ids[r, t]`` at an arbitrary position: mask them.
+    """
+    from transformers import DynamicCache
+
+    device, T = completion_ids.device, completion_ids.shape[1]
+    groups, local = torch.unique_consecutive(contexts.group, return_inverse=True)
+    firsts = torch.cat([local.new_zeros(1), (local[1:] != local[:-1]).nonzero().squeeze(1) + 1])  # [g]
+    block_ids, block_line = contexts.block_ids[firsts], contexts.block_line[firsts]  # [g, Lb]
+    none = torch.full_like(block_line, -1)
+    dtype = next(model.parameters()).dtype
+    cache: Any = DynamicCache()
+    model(
+        input_ids=block_ids,
+        attention_mask=set_attention_mask(block_line, none, none, dtype),
+        position_ids=torch.arange(block_ids.shape[1], device=device).expand_as(block_ids),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    index, prefix_mask = visible_block_positions(block_line[local], contexts.own)  # [r, Lv] twice
+    for layer in cache.layers:  # [g, h, Lb, d] -> [r, h, Lv, d], differentiable
+        gather = index[:, None, :, None]
+        keys, values = layer.keys[local], layer.values[local]
+        layer.keys = keys.gather(2, gather.expand(-1, keys.shape[1], -1, keys.shape[-1]))
+        layer.values = values.gather(2, gather.expand(-1, values.shape[1], -1, values.shape[-1]))
+    branches, starts, lengths = [], [], []
+    for r in range(completion_ids.shape[0]):
+        tail = contexts.tail_ids[r, int(tails[r])][contexts.tail_mask[r, int(tails[r])].bool()].tolist()
+        y = completion_ids[r][completion_mask[r].bool()].tolist()
+        branches.append(tail + y[:-1])
+        starts.append(len(tail) - 1)  # the last tail token predicts y_0
+        lengths.append(len(y))
+    Ls = max(len(b) for b in branches)
+    ids = torch.tensor([b + [0] * (Ls - len(b)) for b in branches], device=device)  # [r, Ls] right-padded
+    branch_mask = torch.tensor([[1] * len(b) + [0] * (Ls - len(b)) for b in branches], device=device)
+    block_length = (block_line != PAD).sum(1)[local]  # [r] the branch continues after the whole block
+    with final_states(model) as captured:
+        out = model(
+            input_ids=ids,
+            attention_mask=torch.cat([prefix_mask, branch_mask], dim=1),
+            position_ids=block_length.unsqueeze(1) + torch.arange(Ls, device=device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1 if captured else 0,
+            output_hidden_states=not captured,
+        )
+    states = captured["states"] if captured else out.hidden_states[-1]  # [r, Ls, D]
+    at = torch.tensor(
+        [[s + t if t < n else 0 for t in range(T)] for s, n in zip(starts, lengths)], dtype=torch.long, device=device
+    )  # [r, T]
+    rows = states.gather(1, at.unsqueeze(-1).expand(-1, -1, states.shape[-1]))  # [r, T, D]
     return chunked_head_logps(lm_head(model), rows, completion_ids, temperature, chunk_size)[0]  # [r, T]
