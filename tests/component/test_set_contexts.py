@@ -224,3 +224,23 @@ def test_cascade_attention_outside_its_block_is_an_error():
         set_cascade_attention(
             torch.nn.Module(), torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2), None
         )
+
+
+def test_pieces_tokenise_as_the_whole_context_with_a_byte_level_bpe():
+    # a GPT-2-style tokenizer built here: its pre-tokenizer splits a run of newlines before a non-space ("\n", "\n")
+    # but keeps it whole at the end of a string ("\n\n"), so pieces tokenised alone differ from the whole string
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from gcpo_lightning.components.graphs.set_prompts import tokenize_piece
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["[1] 12\n\n[2] 7 apples\n\nCombined:", "x\n\ny\n\n"] * 50, trainer)
+    encode = lambda text: bpe.encode(text).ids  # noqa: E731
+    lines = ["Problem: 5+7\nOther solutions:\n", "[1] 12\n\n", "[2] 7 apples\n", "[3] 9\n\n\n"]
+    tail = "Combined: 12\nNow:"
+    whole = encode("".join(lines) + tail)
+    alone = [t for piece in lines for t in encode(piece)] + encode(tail)
+    assert alone != whole, "the tokenizer must split newline runs differently at a string's end for this test"
+    assert [t for piece in lines for t in tokenize_piece(encode, piece)] + encode(tail) == whole

@@ -4,12 +4,15 @@ The context template is cut at ``{others}\\n``: what comes before (rendered with
 opening) is the header ``P``; each candidate's line is ``candidate_template`` plus ``"\\n"``; what comes after (with
 ``y_{n,l}``, then the chat template's closing) is the tail of ``x_{i,l}``. Read in order, header, the lines but
 ``L_i`` and the tail spell exactly the textual context; only the attention between them differs
-(:mod:`gcpo_lightning.functional.set_attention`). The pieces are tokenised separately, so a tokenizer that merges
-characters across a piece boundary (BPE) can give other tokens than the whole string at those boundaries.
+(:mod:`gcpo_lightning.functional.set_attention`). The pieces are tokenised separately, each as if
+text followed it (:func:`tokenize_piece`), so that a BPE tokenizer gives the whole string's tokens at the boundaries
+(checked for SmolLM2 by ``benchmarks/set_tokenization.py``; a tokenizer that merged characters across a boundary
+could still differ there).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,6 +49,25 @@ def render_parts(models: PolicyModels) -> tuple[str, str]:
     return before, after
 
 
+FOLLOWER = "\x00"
+"""Stands for the next piece's first character while a piece is tokenised (see :func:`tokenize_piece`)."""
+
+
+def tokenize_piece(tokenize: Callable[[str], list[int]], piece: str) -> list[int]:
+    """The tokens of ``piece`` as a tokenizer gives them when more text follows it.
+
+    Every header and candidate line ends in a newline and is followed by a non-space character (the next line's
+    ``[``, the tail); a BPE pre-tokenizer splits a run of newlines differently at the end of a string than before a
+    non-space, so the piece is tokenised with :data:`FOLLOWER` after it and that character's tokens removed. A
+    tokenizer that merges the follower into the piece gets the piece tokenised alone.
+    """
+    follower = tokenize(FOLLOWER)
+    ids = tokenize(piece + FOLLOWER)
+    if follower and ids[-len(follower) :] == follower:
+        return ids[: -len(follower)]
+    return tokenize(piece)
+
+
 def build_set_contexts(
     models: PolicyModels,
     questions: list[str],
@@ -63,10 +85,10 @@ def build_set_contexts(
     G = group_size
     blocks, lines, tails = [], [], []
     for b, q in enumerate(questions):
-        ids, code = list(tokenize(before + head.format(question=q))), []
+        ids = tokenize_piece(tokenize, before + head.format(question=q))
         code = [SHARED] * len(ids)
         for k, text in enumerate(candidates[b * G : (b + 1) * G]):
-            piece = tokenize(candidate_template.format(index=k + 1, text=text) + "\n")
+            piece = tokenize_piece(tokenize, candidate_template.format(index=k + 1, text=text) + "\n")
             ids += piece
             code += [k] * len(piece)
         blocks.append(ids)
