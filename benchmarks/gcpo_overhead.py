@@ -251,6 +251,8 @@ def set_deviation(rollouts: int = 3, seed: int = 0) -> None:
     and of the whole loss."""
     import torch
 
+    from gcpo_lightning.functional.causal import causal_target, causal_weights
+
     module, dm = embedded_module(seed)
     builder, models = module.graph_builder, module.models()
     params = [p for p in module.policy.parameters() if p.requires_grad]
@@ -265,6 +267,11 @@ def set_deviation(rollouts: int = 3, seed: int = 0) -> None:
             return builder.build(rollout, models, module.sampler)
         finally:
             module.sampler.temperature = temperature
+
+    def weights_of(g) -> torch.Tensor:
+        """``U_i`` of a graph (paper Eq. 11) with the adjuster's alpha and similarity."""
+        target = causal_target(g.representations, g.context_representations, rollout.group_size)
+        return causal_weights(g.representations, target, module.adjuster.alpha, module.adjuster.similarity)
 
     for step, batch in zip(range(rollouts), dm.train_dataloader()):
         rollout = module.sampler.sample(models, module.prompts_for(batch), 8)
@@ -286,15 +293,9 @@ def set_deviation(rollouts: int = 3, seed: int = 0) -> None:
                 grads[kappa] = torch.cat([x.flatten() for x in torch.autograd.grad(loss, params)])
             module.kl.kappa = 0.06
             u[name] = (g, prepared, grads)
-        weights = {
-            k: module.adjuster.similarity(v[0].representations, causal_target_of(v[0], rollout)) * 2.0
-            for k, v in u.items()
-        }
+        weights = {k: weights_of(v[0]) for k, v in u.items()}
         greedy = {k: graph(k, step, greedy=True) for k in ("text", "set")}
-        greedy_u = {
-            k: module.adjuster.similarity(g.representations, causal_target_of(g, rollout)) * 2.0
-            for k, g in greedy.items()
-        }
+        greedy_u = {k: weights_of(g) for k, g in greedy.items()}
         ref = u["text"][1].causal_ref_logps[real[:, 0]] - u["set"][1].causal_ref_logps[real[:, 0]]
         causal = {k: v[2][0.06] - v[2][0.0] for k, v in u.items()}
         print(
@@ -308,13 +309,6 @@ def set_deviation(rollouts: int = 3, seed: int = 0) -> None:
             f"(text, other seed {cos(u['text'][2][0.06], u['other'][2][0.06]):.4f})",
             flush=True,
         )
-
-
-def causal_target_of(graph, rollout):
-    """``Zbar_i - Zbar'_i + zbar`` of a graph (paper Eq. 11)."""
-    from gcpo_lightning.functional.causal import causal_target
-
-    return causal_target(graph.representations, graph.context_representations, rollout.group_size)
 
 
 def fmt(phases: dict[str, float]) -> str:

@@ -39,3 +39,16 @@ def micro_batches(completion_mask: Tensor, size: int | None, token_weighted: boo
         tokens = completion_mask.sum(1).float()  # [n]
         return [(c, (tokens[c].sum() / tokens.sum().clamp(min=1)).item()) for c in chunks]
     return [(c, len(c) / n) for c in chunks]
+
+
+def group_spans(rows: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive groups (``rows[g]`` rows each) cut into spans ``[start, end)`` of whole groups holding at most
+    ``limit`` rows each; a group larger than ``limit`` gets a span of its own (generation calls of whole groups)."""
+    spans, start = [], 0
+    while start < len(rows):
+        end, n = start, 0
+        while end < len(rows) and (n == 0 or n + rows[end] <= limit):
+            n, end = n + rows[end], end + 1
+        spans.append((start, end))
+        start = end
+    return spans

@@ -51,6 +51,19 @@ def set_attention_mask(line: Tensor, hidden: Tensor, branch: Tensor, dtype: torc
     return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
+def visible_lines(line: Tensor, own: Tensor) -> Tensor:
+    """``[p, Lb]`` bool: the block tokens a context of candidate ``own`` (``[p]``) sees: ``P`` and the other lines."""
+    return (line != PAD) & (line != own.unsqueeze(1))
+
+
+def block_rows(group: Tensor) -> tuple[Tensor, Tensor]:
+    """For rows ordered by group (``group`` ``[r]``, each group's rows consecutive): the first row of each run of
+    one group ``[g]``, and each row's run ``[r]`` (0 .. g-1)."""
+    local = torch.unique_consecutive(group, return_inverse=True)[1]  # [r]
+    firsts = torch.cat([local.new_zeros(1), (local[1:] != local[:-1]).nonzero().squeeze(1) + 1])  # [g]
+    return firsts, local
+
+
 def visible_block_positions(line: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
     """Which block tokens a context of candidate ``own`` sees, gathered to the right in block order.
 
@@ -62,7 +75,7 @@ def visible_block_positions(line: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
         ``(index [p, Lv], mask [p, Lv])``: block positions of the visible tokens, left-padded (``mask`` 0 where
         ``index`` is padding), ``Lv`` the most visible tokens of any context.
     """
-    visible = (line != PAD) & (line != own.unsqueeze(1))  # [p, Lb]
+    visible = visible_lines(line, own)  # [p, Lb]
     order = torch.sort(visible.int(), dim=1, stable=True).indices  # hidden/pad first, visible after, in order
     mask = visible.gather(1, order)  # [p, Lb]
     Lv = int(visible.sum(1).max())

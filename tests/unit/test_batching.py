@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gcpo_lightning.functional.batching import micro_batches, mini_batches
+from gcpo_lightning.functional.batching import group_spans, micro_batches, mini_batches
 
 
 def test_mini_batches_hold_whole_groups_and_cover_the_rollout():
@@ -29,3 +29,10 @@ def test_micro_batch_weights():
     assert [w for _, w in by_completion] == [2 / 3, 1 / 3]  # share of completions
     by_token = micro_batches(mask, size=2, token_weighted=True)
     assert [w for _, w in by_token] == pytest.approx([5 / 7, 2 / 7])  # share of tokens: (4 + 1) / 7 and 2 / 7
+
+
+def test_group_spans_keep_groups_whole_under_the_limit():
+    # groups of 4, 4, 8, 2 rows with at most 8 a span: [4+4], [8], [2]; a group over the limit stands alone
+    assert group_spans([4, 4, 8, 2], 8) == [(0, 2), (2, 3), (3, 4)]
+    assert group_spans([16, 2], 8) == [(0, 1), (1, 2)]
+    assert group_spans([], 8) == []

@@ -75,7 +75,7 @@ def context_probs(rollout: Rollout, graph: CausalGraph, models: PolicyModels, ba
 
 @torch.no_grad()
 def context_probs_set(rollout: Rollout, contexts: SetContexts, models: PolicyModels) -> Tensor:
-    """As :func:`context_probs`, the contexts read as sets, one packed sequence per group.  ``[N, M, T]``."""
+    """As :func:`context_probs`, the contexts read as sets (:func:`set_context_logps`).  ``[N, M, T]``."""
     N, M = contexts.tail_ids.shape[:2]
     policy, was_training = models.policy, models.policy.training
     policy.eval()
@@ -213,7 +213,7 @@ class CausalProjectedKL(ProjectedKL):
         if prepared.context_ids is None or prepared.context_mask is None:
             raise ValueError("CausalProjectedKL: policy_context='context' needs the contexts from prepare()")
         if self.policy_context == "context" and prepared.set_contexts is not None:
-            return set_context_logps(  # one packed sequence per group (context_layout: set)
+            return set_context_logps(  # each group's block encoded once (context_layout: set)
                 models.policy,
                 prepared.set_contexts,
                 torch.zeros_like(prepared.set_contexts.own),  # x_i = x_{i,0}

@@ -10,9 +10,11 @@ from torch import Tensor
 
 from gcpo_lightning.components.sampling.backends import Decoding, GenerationBackend, KVCacheLoop
 from gcpo_lightning.components.sampling.decoding import Forced
+from gcpo_lightning.components.sampling.padding import left_pad, pad_cat
 from gcpo_lightning.components.sampling.set_sampling import sample_set
 from gcpo_lightning.components.scoring.logprobs import score_in_batches
 from gcpo_lightning.components.scoring.prefix_sharing import common_prefix_length
+from gcpo_lightning.functional.batching import group_spans
 from gcpo_lightning.interfaces.containers import PolicyModels, PromptCache, Rollout, SetContexts, cat_prompt_caches
 from gcpo_lightning.interfaces.protocols import Sampler
 
@@ -179,18 +181,12 @@ class GroupSampler(Sampler):
         rows_of = [s * K for s in sizes]
         step = self.generation_batch_size or sum(rows_of)
         keep = set(keep_cache or [])
-        chunks, scored, caches, first, g, prompt = [], [], [], 0, 0, 0
-        while g < len(sizes):
-            last, n = g, 0
-            while last < len(sizes) and (n == 0 or n + rows_of[last] <= step):
-                n += rows_of[last]
-                last += 1
+        chunks, scored, caches, first, prompt = [], [], [], 0, 0
+        for g, last in group_spans(rows_of, step):
+            n, count = sum(rows_of[g:last]), sum(sizes[g:last])  # rows and prompts in this chunk
             rows = slice(first, first + n)
-            count = sum(sizes[g:last])  # prompts in this chunk
-            forced = None
-            if continuations is not None:
-                kept = [p - prompt for p in range(prompt, prompt + count) if p in keep]
-                forced = self._forced(models, continuations[prompt : prompt + count], K, kept if keep else None)
+            prompts = list(range(prompt, prompt + count))
+            forced = None if continuations is None else self._forced(models, continuations, prompts, K, keep)
             tokens, out = self._generate_shared_chunk(
                 models, prompt_ids[rows], prompt_mask[rows], rows_of[g:last], greedy, forced
             )
@@ -199,7 +195,7 @@ class GroupSampler(Sampler):
                 scored.append(out[0])
                 if out[1] is not None:
                     caches.append(out[1])
-            first, g, prompt = first + n, last, prompt + count
+            first, prompt = first + n, prompt + count
         forced_logps = pad_cat(scored, 0) if scored else None
         return (
             pad_cat(chunks, models.tokenizer.pad_token_id),
@@ -207,8 +203,13 @@ class GroupSampler(Sampler):
             cat_prompt_caches(caches) if caches else None,
         )
 
-    def _forced(self, models: PolicyModels, continuations: list[list[int]], K: int, keep: list[int] | None) -> Forced:
-        """The continuations of a chunk's prompts, scored after the first of each prompt's ``K`` rows."""
+    def _forced(
+        self, models: PolicyModels, continuations: list[list[int]], prompts: list[int], K: int, keep: set[int]
+    ) -> Forced:
+        """The continuations of a chunk's ``prompts`` (indices into ``continuations``), scored after the first of
+        each prompt's ``K`` rows; the KV cache of the prompts in ``keep`` is kept (none when ``keep`` is empty)."""
+        kept = [i for i, p in enumerate(prompts) if p in keep] if keep else None
+        continuations = [continuations[p] for p in prompts]
         device = next(models.policy.parameters()).device
         longest = max(1, max(len(c) for c in continuations))
         ids = torch.full((len(continuations), longest), models.tokenizer.pad_token_id, dtype=torch.long)
@@ -219,7 +220,7 @@ class GroupSampler(Sampler):
             ids=ids.to(device),
             temperature=models.temperature,
             chunk_size=models.logits_chunk_size or 16,
-            keep=None if keep is None else torch.tensor(keep, dtype=torch.long, device=device),
+            keep=None if kept is None else torch.tensor(kept, dtype=torch.long, device=device),
         )
 
     def _generate_shared_chunk(
@@ -359,18 +360,3 @@ def completion_mask_from_eos(completion_ids: Tensor, eos: list[int]) -> tuple[Te
     positions = torch.arange(T, device=completion_ids.device).unsqueeze(0)  # [1, T]
     mask = (positions <= first.unsqueeze(1)).long()  # [N, T]
     return mask, ~has_eos
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
-    """Token lists as left-padded ``[n, L]`` ids and mask (``L`` >= 1)."""
-    L = max(1, max(len(s) for s in seqs))
-    ids = torch.tensor([[pad_id] * (L - len(s)) + s for s in seqs], dtype=torch.long, device=device)
-    mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
-    return ids, mask
-
-
-def pad_cat(chunks: list[Tensor], pad_id: int) -> Tensor:
-    """Concatenate ``[n_i, T_i]`` tensors along rows, right-padding to the longest ``T_i``."""
-    T = max(c.shape[1] for c in chunks)
-    padded = [torch.nn.functional.pad(c, (0, T - c.shape[1]), value=pad_id) for c in chunks]
-    return torch.cat(padded)

@@ -21,25 +21,9 @@ from gcpo_lightning.components.sampling.decoding import (
     score_then_decode,
 )
 from gcpo_lightning.components.sampling.set_cascade import SharedBlocks, cascade_attention, supports_cascade
-from gcpo_lightning.functional.set_attention import PAD, set_attention_mask, visible_block_positions
+from gcpo_lightning.components.scoring.set_scoring import gather_visible, prefill_blocks
+from gcpo_lightning.functional.set_attention import PAD, visible_block_positions, visible_lines
 from gcpo_lightning.interfaces.containers import PromptCache
-
-
-def prefill_blocks(model: nn.Module, block_ids: Tensor, block_line: Tensor):
-    """One forward pass over the right-padded group blocks (set attention) into a new ``DynamicCache``."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    none = torch.full_like(block_line, -1)
-    model(
-        input_ids=block_ids,
-        attention_mask=set_attention_mask(block_line, none, none, next(model.parameters()).dtype),  # [b, 1, Lb, Lb]
-        position_ids=torch.arange(block_ids.shape[1], device=block_ids.device).expand_as(block_ids),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return cache
 
 
 def tail_positions(block_line: Tensor, context_group: Tensor, owner: Tensor, tail_mask: Tensor) -> Tensor:
@@ -77,11 +61,7 @@ def prefill_set(
     """
     cache = prefill_blocks(model, block_ids, block_line)
     index, prefix_mask = visible_block_positions(block_line[context_group], context_own)  # [p, Lv] twice
-    for layer in cache.layers:  # [b, h, Lb, d] -> [p, h, Lv, d]: each context's visible positions, in order
-        gather = index[:, None, :, None]
-        keys, values = layer.keys[context_group], layer.values[context_group]
-        layer.keys = keys.gather(2, gather.expand(-1, keys.shape[1], -1, keys.shape[-1]))
-        layer.values = values.gather(2, gather.expand(-1, values.shape[1], -1, values.shape[-1]))
+    gather_visible(cache, context_group, index)  # [b, h, Lb, d] -> [p, h, Lv, d]
     preallocate_cache(cache, tail_ids.shape[1] + room, rows=owner)
     mask = torch.cat([prefix_mask[owner], tail_mask], dim=1)  # [n, Lv+Lt]
     positions = tail_positions(block_line, context_group, owner, tail_mask)  # [n, Lt]
@@ -107,12 +87,11 @@ def prefill_set_cascade(
     from transformers import DynamicCache
 
     blocks = prefill_blocks(model, block_ids, block_line)
-    line = block_line[context_group][owner]  # [n, Lb]
     shared = SharedBlocks(
         keys=[layer.keys for layer in blocks.layers],
         values=[layer.values for layer in blocks.layers],
         group=context_group[owner],
-        visible=(line != PAD) & (line != context_own[owner].unsqueeze(1)),
+        visible=visible_lines(block_line[context_group][owner], context_own[owner]),  # [n, Lb]
     )
     cache: Any = DynamicCache()
     positions = tail_positions(block_line, context_group, owner, tail_mask)  # [n, Lt]

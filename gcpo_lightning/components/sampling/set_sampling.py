@@ -14,35 +14,25 @@ import torch
 from torch import Tensor
 
 from gcpo_lightning.components.sampling.backends import SetBlocks
-from gcpo_lightning.functional.set_attention import PAD
+from gcpo_lightning.components.sampling.padding import left_pad, pad_cat
+from gcpo_lightning.functional.batching import group_spans
+from gcpo_lightning.functional.set_attention import block_rows, visible_lines
 from gcpo_lightning.interfaces.containers import PolicyModels, PromptCache, Rollout, SetContexts, cat_prompt_caches
 
 
 def context_tokens(contexts: SetContexts, n: int, m: int) -> list[int]:
     """The tokens of ``x_{n,l}`` in reading order: the visible block tokens (``P``, the other lines), the tail."""
-    line = contexts.block_line[n]
-    visible = (line != PAD) & (line != contexts.own[n])
+    visible = visible_lines(contexts.block_line[n : n + 1], contexts.own[n : n + 1])[0]  # [Lb]
     return contexts.block_ids[n][visible].tolist() + contexts.tail_ids[n, m][contexts.tail_mask[n, m].bool()].tolist()
-
-
-def left_pad_rows(seqs: list[list[int]], pad_id: int, device: Any) -> tuple[Tensor, Tensor]:
-    """Token lists as left-padded ``[n, L]`` ids and mask."""
-    L = max(1, max(len(s) for s in seqs))
-    ids = torch.tensor([[pad_id] * (L - len(s)) + s for s in seqs], dtype=torch.long, device=device)
-    mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
-    return ids, mask
 
 
 def chunk_blocks(contexts: SetContexts, candidates: list[int]) -> SetBlocks:
     """The blocks of the groups of ``candidates`` (consecutive, whole groups) and each candidate's context."""
-    groups = contexts.group[candidates]  # [p]
-    firsts = [candidates[0]] + [
-        c for prev, c in zip(candidates, candidates[1:]) if contexts.group[c] != contexts.group[prev]
-    ]
-    local = torch.unique_consecutive(groups, return_inverse=True)[1]  # [p] the chunk's block of each candidate
+    firsts, local = block_rows(contexts.group[candidates])  # [b] within the chunk, [p] each candidate's block
+    rows = torch.tensor(candidates, device=firsts.device)[firsts]  # [b] a row of each block
     return SetBlocks(
-        ids=contexts.block_ids[firsts],
-        line=contexts.block_line[firsts],
+        ids=contexts.block_ids[rows],
+        line=contexts.block_line[rows],
         context_group=local,
         context_own=contexts.own[candidates],
     )
@@ -73,23 +63,17 @@ def sample_set(
     start = time.perf_counter()
     policy, was_training = models.policy, models.policy.training
     policy.eval()
-    chunks, scored, caches, first, g = [], [], [], 0, 0
+    chunks, scored, caches, first = [], [], [], 0
     try:
-        while g < len(sizes):
-            last, n = g, 0
-            while last < len(sizes) and (n == 0 or (n + sizes[last]) * M * K <= step):
-                n += sizes[last]
-                last += 1
+        for g, last in group_spans([size * M * K for size in sizes], step):
+            n = sum(sizes[g:last])  # candidates in this chunk
             candidates = list(range(first, first + n))
             prompts = [c * M + m for c in candidates for m in range(M)]  # (n, l) in this chunk
             tails = [
                 contexts.tail_ids[p // M, p % M][contexts.tail_mask[p // M, p % M].bool()].tolist() for p in prompts
             ]
-            tail_ids, tail_mask = left_pad_rows(tails, pad, device)
-            forced = None
-            if continuations is not None:
-                kept = [i for i, p in enumerate(prompts) if p in keep]
-                forced = sampler._forced(models, [continuations[p] for p in prompts], K, kept if keep else None)
+            tail_ids, tail_mask = left_pad(tails, pad, device)
+            forced = None if continuations is None else sampler._forced(models, continuations, prompts, K, keep)
             owner = torch.arange(n, device=device).repeat_interleave(M * K)  # [rows] the context of each row
             tokens, out = sampler.backend.generate_set(
                 models.policy,
@@ -105,7 +89,7 @@ def sample_set(
                 scored.append(out[0])
                 if out[1] is not None:
                     caches.append(out[1])
-            first, g = first + n, last
+            first += n
     finally:
         policy.train(was_training)
     return set_rollout(sampler, models, contexts, K, chunks, scored, caches, start)
@@ -122,12 +106,10 @@ def set_rollout(
     start: float,
 ) -> Rollout:
     """The rollout of :func:`sample_set`, its prompts the contexts' tokens in reading order."""
-    from gcpo_lightning.components.sampling.group_sampler import pad_cat
-
     N, M = contexts.tail_ids.shape[:2]
     tok = models.tokenizer
     seqs = [context_tokens(contexts, n, m) for n in range(N) for m in range(M)]  # N*M
-    prompt_ids, prompt_mask = left_pad_rows(seqs, tok.pad_token_id, contexts.block_ids.device)
+    prompt_ids, prompt_mask = left_pad(seqs, tok.pad_token_id, contexts.block_ids.device)
     rollout = sampler._rollout(
         models,
         tok.batch_decode(prompt_ids, skip_special_tokens=True),

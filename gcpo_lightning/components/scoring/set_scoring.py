@@ -1,4 +1,4 @@
-"""Score candidates under their contexts read as sets: one packed sequence per group (``context_layout: set``).
+"""Score candidates under their contexts read as sets (``context_layout: set``).
 
 For the rows of one group the sequence is ``[block | tail_{r} y_r[:-1] | tail_{r'} y_{r'}[:-1] | ...]``: the group's
 block ``[P | L_0 .. L_{G-1}]`` once, then one branch per scored row ``r`` (candidate ``i``, context ``l``): the tail
@@ -16,7 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from gcpo_lightning.components.scoring.logprobs import chunked_head_logps, final_states, lm_head
-from gcpo_lightning.functional.set_attention import BRANCH, PAD, set_attention_mask, visible_block_positions
+from gcpo_lightning.functional.set_attention import (
+    BRANCH,
+    PAD,
+    block_rows,
+    set_attention_mask,
+    visible_block_positions,
+)
 from gcpo_lightning.interfaces.containers import SetContexts
 
 
@@ -117,6 +123,35 @@ def packed_set_logps(
     return chunked_head_logps(lm_head(model), rows, completion_ids, temperature, chunk_size)[0]  # [r, T]
 
 
+def prefill_blocks(model: nn.Module, block_ids: Tensor, block_line: Tensor) -> Any:
+    """One forward pass over right-padded group blocks ``[b, Lb]`` (set attention) into a new ``DynamicCache``; with
+    gradient when grad is enabled (the causal KL's pass), without during generation."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    none = torch.full_like(block_line, -1)
+    model(
+        input_ids=block_ids,
+        attention_mask=set_attention_mask(block_line, none, none, next(model.parameters()).dtype),  # [b, 1, Lb, Lb]
+        position_ids=torch.arange(block_ids.shape[1], device=block_ids.device).expand_as(block_ids),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return cache
+
+
+def gather_visible(cache: Any, block: Tensor, index: Tensor) -> None:
+    """Replace every layer of a blocks' ``cache`` (``[b, h, Lb, d]``) by each context's visible positions, in place:
+    ``block`` ``[p]`` the block of each context, ``index`` ``[p, Lv]`` its positions
+    (:func:`~gcpo_lightning.functional.set_attention.visible_block_positions`); ``[p, h, Lv, d]``, differentiable."""
+    gather = index[:, None, :, None]
+    for layer in cache.layers:
+        keys, values = layer.keys[block], layer.values[block]
+        layer.keys = keys.gather(2, gather.expand(-1, keys.shape[1], -1, keys.shape[-1]))
+        layer.values = values.gather(2, gather.expand(-1, values.shape[1], -1, values.shape[-1]))
+
+
 def set_context_logps(
     model: nn.Module,
     contexts: SetContexts,
@@ -135,29 +170,12 @@ def set_context_logps(
     rounding, values and gradient (tested). Positions past a completion's end hold the log-prob of
     ``completion_ids[r, t]`` at an arbitrary position: mask them.
     """
-    from transformers import DynamicCache
-
     device, T = completion_ids.device, completion_ids.shape[1]
-    groups, local = torch.unique_consecutive(contexts.group, return_inverse=True)
-    firsts = torch.cat([local.new_zeros(1), (local[1:] != local[:-1]).nonzero().squeeze(1) + 1])  # [g]
-    block_ids, block_line = contexts.block_ids[firsts], contexts.block_line[firsts]  # [g, Lb]
-    none = torch.full_like(block_line, -1)
-    dtype = next(model.parameters()).dtype
-    cache: Any = DynamicCache()
-    model(
-        input_ids=block_ids,
-        attention_mask=set_attention_mask(block_line, none, none, dtype),
-        position_ids=torch.arange(block_ids.shape[1], device=device).expand_as(block_ids),
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    firsts, local = block_rows(contexts.group)  # [g], [r]
+    block_line = contexts.block_line[firsts]  # [g, Lb]
+    cache = prefill_blocks(model, contexts.block_ids[firsts], block_line)
     index, prefix_mask = visible_block_positions(block_line[local], contexts.own)  # [r, Lv] twice
-    for layer in cache.layers:  # [g, h, Lb, d] -> [r, h, Lv, d], differentiable
-        gather = index[:, None, :, None]
-        keys, values = layer.keys[local], layer.values[local]
-        layer.keys = keys.gather(2, gather.expand(-1, keys.shape[1], -1, keys.shape[-1]))
-        layer.values = values.gather(2, gather.expand(-1, values.shape[1], -1, values.shape[-1]))
+    gather_visible(cache, local, index)  # [g, h, Lb, d] -> [r, h, Lv, d]
     branches, starts, lengths = [], [], []
     for r in range(completion_ids.shape[0]):
         tail = contexts.tail_ids[r, int(tails[r])][contexts.tail_mask[r, int(tails[r])].bool()].tolist()
