@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
@@ -11,6 +12,10 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
+
+
+_GATHERED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+"""The sharded models inside :func:`full_parameters`, with :func:`parameter_version` at its entry."""
 
 
 def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
@@ -76,15 +81,56 @@ def full_parameters(model: nn.Module) -> Iterator[None]:
     if not modules:
         yield
         return
+    _GATHERED[model] = state_version(model)  # read from the shards, before they are gathered
     for m in modules:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
     try:
         yield
     finally:
+        _GATHERED.pop(model, None)
         for m in modules:
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)  # the root keeps its params until backward
+
+
+def is_gathered(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded and inside :func:`full_parameters` (its parameters are full tensors)."""
+    return model in _GATHERED
+
+
+def state_version(model: nn.Module) -> int:
+    """The sum of the version counters of ``model``'s state-dict tensors (detached views share them). Under FSDP2
+    these are the sharded parameters, the ones the optimiser updates; do not call it inside :func:`full_parameters`
+    (the state-dict hook puts the shards back in the module)."""
+    return sum(t._version for t in model.state_dict().values())
+
+
+def parameter_version(model: nn.Module) -> int:
+    """A number that changes whenever a parameter of ``model`` is modified in place (an optimiser step,
+    ``load_state_dict``): the sum of their version counters. Under FSDP2 it is read from the sharded parameters
+    (inside :func:`full_parameters`, where no update happens and the gathered copies count nothing, its value at the
+    block's entry)."""
+    if model in _GATHERED:
+        return _GATHERED[model]
+    if is_sharded(model):
+        return state_version(model)
+    return sum(p._version for p in model.parameters())
+
+
+def gathered_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(name, tensor)`` of every parameter (tied ones under each name) and persistent buffer, as a state dict
+    names them, read from the live modules: no state-dict hook runs, so inside :func:`full_parameters` the module
+    stays gathered and these are full tensors. A sharded model outside that block is an error."""
+    if is_sharded(model) and not is_gathered(model):
+        raise RuntimeError("gathered_weights: the model is FSDP2-sharded; call it inside full_parameters(model)")
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for pname, p in module.named_parameters(recurse=False):
+            yield f"{prefix}{pname}", p.detach()
+        for bname, b in module.named_buffers(recurse=False):
+            if b is not None and bname not in module._non_persistent_buffers_set:
+                yield f"{prefix}{bname}", b.detach()
 
 
 def full_tensor(x: Tensor) -> Tensor:

@@ -67,6 +67,24 @@ def test_rewards_are_gathered_and_groups_stay_on_their_rank(runs):
 
 
 @pytest.mark.slow
+def test_rollouts_see_full_weights_and_a_version_that_moves_with_every_step(runs):
+    """What VLLMSampler pushes under FSDP2: inside the rollout's full_parameters every rank reads the full weights
+    (the same on both ranks, shaped as the exported state dict), and parameter_version, read from the shards,
+    changes after every optimiser step (the gathered copies' own version counters do not)."""
+    final = torch.load(runs["full"] / "weights.pt")
+    steps = [[torch.load(runs["full"] / f"rank{r}_step{s}.pt", weights_only=False) for r in (0, 1)] for s in range(4)]
+    for ranks in steps:
+        a, b = (r["gathered"] for r in ranks)
+        assert a.keys() == final.keys() and all(a[k].shape == final[k].shape for k in final)
+        assert all(torch.equal(a[k], b[k]) for k in a)  # full tensors, not each rank's shard
+        assert ranks[0]["parameter_version"] == ranks[1]["parameter_version"]
+    versions = [ranks[0]["parameter_version"] for ranks in steps]
+    assert all(later > earlier for earlier, later in zip(versions, versions[1:])), versions
+    first, second = steps[0][0]["gathered"], steps[1][0]["gathered"]
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # the step changed the weights read
+
+
+@pytest.mark.slow
 def test_resume_from_sharded_checkpoint_is_exact(fit_metrics, runs):
     full, resumed = fit_metrics(runs["full"])["rows"], fit_metrics(runs["resumed"])["rows"]
     assert [r["step"] for r in resumed] == [3, 4]

@@ -4,12 +4,16 @@ Lightning relaunches this command line for rank 1 (``ModelParallelStrategy`` on 
 a script. Every rank writes what the test checks to ``--out``:
 
 * ``rank<r>_step<s>.pt``: the rewards, the rewards gathered across ranks, the candidate representations and the
-  advantages that rank computed at optimiser step ``s``;
+  advantages that rank computed at optimiser step ``s``, and the policy's parameter version and gathered weights
+  during that step's rollout;
 * ``metrics_rank<r>.json``: the logged metrics of every step;
 * ``weights.pt`` (rank 0): the full policy weights at the end, and an HF export in ``hf/``.
 
     python tests/support/distributed_fit.py --model DIR --out DIR --devices 2 --max-steps 4 [--save-at 2] \
-        [--resume CKPT]
+        [--resume CKPT] [--lora] [--vllm]
+
+With ``--vllm`` (in ``.venv-vllm``) the sampler is ``VLLMSampler``, one engine per rank, and ``metrics_rank<r>.json``
+also holds what ``engine_against_policy`` measured after the fit.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from gcpo_lightning import (  # noqa: E402
 from gcpo_lightning.policy.builder import PolicyBuilder  # noqa: E402
 from gcpo_lightning.policy.lora import LoRAConfig  # noqa: E402
 from gcpo_lightning.policy.quantization import QuantizationConfig, count_4bit_linears  # noqa: E402
-from gcpo_lightning.policy.sharding import full_state_dict  # noqa: E402
+from gcpo_lightning.policy.sharding import full_state_dict, gathered_weights, parameter_version  # noqa: E402
 from gcpo_lightning.training.callbacks import CheckpointOnSigterm, HFExport  # noqa: E402
 from gcpo_lightning.training.metrics import WALL_CLOCK_PREFIXES  # noqa: E402
 
@@ -61,6 +65,9 @@ class RecordingAdvantage(CausalAdvantage):
                 "context_z": graph.context_representations,
                 "advantages": result.values,
                 "prompts": rollout.prompts,
+                # inside full_parameters (the rollout phase): what VLLMSampler reads to push weights
+                "parameter_version": parameter_version(self.module.policy),
+                "gathered": {n: t.clone() for n, t in gathered_weights(self.module.policy)},
             },
             self.out / f"rank{rank}_step{step}.pt",
         )
@@ -83,6 +90,43 @@ class MetricsRecorder(L.Callback):
         print(f"STEP {trainer.global_step}", flush=True)  # the SIGTERM test waits for these lines
 
 
+def vllm_sampler():
+    """``VLLMSampler`` with the driver's completion length (imported here: only ``.venv-vllm`` has vLLM)."""
+    from gcpo_lightning.components.sampling.vllm_sampler import VLLMSampler
+
+    return VLLMSampler(max_completion_length=8, kv_cache_space_gib=1.0)
+
+
+def engine_against_policy(module: GCPOModule, dm: ArithmeticDataModule, model_path: str) -> dict:
+    """After the fit, this rank's engine against its policy: the weight pushes so far, and how far the engine's
+    log-probs of its own samples of this rank's prompts are from the trained policy's and from the initial model's
+    (the engine must hold the trained weights, not the ones it was built with)."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from gcpo_lightning.components.sampling.group_sampler import score_rollout
+    from gcpo_lightning.policy.sharding import full_parameters
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    prompts = module.prompts_for(list(dm.train_dataloader())[rank])  # each rank its own prompts
+    pushes, models = module.sampler.weight_pushes, module.models()
+    with full_parameters(module.policy):  # collective under FSDP2: every rank calls it
+        rollout = module.sampler.sample(models, prompts, 2)  # scored by the trained policy
+    real = rollout.completion_mask.bool()
+    trained = (rollout.old_logps - rollout.sampler_logps).abs()[real].max()
+    initial = dataclasses.replace(models, policy=AutoModelForCausalLM.from_pretrained(model_path))
+    score_rollout(initial, rollout, 64)
+    before = (rollout.old_logps - rollout.sampler_logps).abs()[real].max()
+    return {
+        "pushes_during_fit": pushes,
+        "pushes": module.sampler.weight_pushes,
+        "max_abs_logp_diff_trained": float(trained),
+        "max_abs_logp_diff_initial": float(before),
+        "prompts": prompts,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -96,6 +140,7 @@ def main() -> None:
     parser.add_argument("--reference-4bit", action="store_true", help="4-bit NF4 reference")
     parser.add_argument("--qlora", action="store_true", help="with --lora: the policy's base in 4-bit")
     parser.add_argument("--fsdp-param-dtype", default=None, help="e.g. bfloat16: FSDP2 mixed precision")
+    parser.add_argument("--vllm", action="store_true", help="VLLMSampler, one engine per rank (needs .venv-vllm)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +158,7 @@ def main() -> None:
             fsdp_param_dtype=args.fsdp_param_dtype,
         ),
         reward_funcs=[length_reward],
-        sampler=GroupSampler(max_completion_length=8),
+        sampler=vllm_sampler() if args.vllm else GroupSampler(max_completion_length=8),
         graph_builder=ColliderGraphBuilder(num_integrated=2, num_context_samples=1, max_candidate_tokens=8),
         adjuster=adjuster,
         kl=CausalProjectedKL(beta=0.04, kappa=0.06, max_ratio=10.0),
@@ -169,6 +214,8 @@ def main() -> None:
         "trainable": trainable,
         "val": evaluation,
     }
+    if args.vllm:
+        summary["vllm"] = engine_against_policy(module, dm, args.model)
     (out / f"metrics_rank{rank}.json").write_text(json.dumps(summary))
     if trainer.is_global_zero:
         torch.save(state, out / "weights.pt")

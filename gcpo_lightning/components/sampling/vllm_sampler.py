@@ -9,6 +9,7 @@ them (TRL's ``vllm_importance_sampling_correction``): see :class:`VLLMSampler`. 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -30,8 +31,8 @@ from gcpo_lightning.components.sampling.group_sampler import (
 )
 from gcpo_lightning.interfaces.containers import ImportanceCorrection, PolicyModels, Rollout
 from gcpo_lightning.interfaces.protocols import Sampler
-from gcpo_lightning.policy.lora import export_merged, is_lora, merged_state_dict
-from gcpo_lightning.policy.sharding import is_sharded
+from gcpo_lightning.policy.lora import is_lora, merged_state_dict
+from gcpo_lightning.policy.sharding import gathered_weights, is_gathered, is_sharded, parameter_version
 
 MISSING_VLLM = (
     "VLLMSampler needs vLLM, which is not installed in this environment: run `bash scripts/setup_vllm.sh` and use "
@@ -46,7 +47,10 @@ class VLLMSampler(Sampler):
     folder). Before every later :meth:`sample` the sampler checks whether the policy's parameters changed in place
     since the last push (their version counters: every optimiser step and ``load_state_dict`` bumps them) and, if
     so, pushes the weights into the engine (:meth:`sync_weights`) and resets its prefix cache; the module needs no
-    hook. A LoRA policy pushes its merged weights; an FSDP2-sharded policy is not supported yet.
+    hook. A LoRA policy pushes its merged weights. Under several ranks (FSDP2) every rank builds its own
+    engine (vLLM's ``external_launcher``, tensor parallel size 1, seed + rank) and generates its own prompts; an
+    FSDP2-sharded policy is read while gathered (``sample`` inside
+    :func:`~gcpo_lightning.policy.sharding.full_parameters`, as ``GCPOModule`` calls it).
 
     Temperature, top-p, top-k and the minimum length mean what they mean in ``GroupSampler`` (temperature, then
     top-k, then nucleus on the tempered distribution). ``old_logps`` are recomputed by the policy; vLLM's
@@ -79,7 +83,7 @@ class VLLMSampler(Sampler):
         kv_cache_space_gib: on CPU, the KV cache's size in GiB (``VLLM_CPU_KVCACHE_SPACE``, unless already set).
         enable_prefix_caching: reuse the KV cache of shared prompt prefixes (reset after every weight push).
         enforce_eager: run the model without CUDA graphs / compilation (faster start; the default on CPU tests).
-        seed: the engine's seed; ``None``: ``torch.initial_seed()`` of the process.
+        seed: the engine's seed (plus the rank under several ranks); ``None``: ``torch.initial_seed()`` of the process.
         engine_kwargs: further keyword arguments of ``vllm.LLM`` (e.g. ``{"dtype": "bfloat16"}``).
     """
 
@@ -183,21 +187,25 @@ class VLLMSampler(Sampler):
         self.weight_pushes += 1
 
     def _build(self, policy: nn.Module) -> Any:
-        """A ``vllm.LLM`` loaded from ``policy``'s weights, saved to a temporary folder (kept while it lives)."""
+        """A ``vllm.LLM`` holding ``policy``'s current weights: built from its config alone (saved to a temporary
+        folder, kept while it lives; ``load_format="dummy"``), then the weights pushed as after an update."""
         check_pushable(policy)
+        rank, world_size = world()
         LLM = import_vllm().LLM
         self._model_dir = tempfile.TemporaryDirectory(prefix="gcpo-vllm-")
-        save_policy(policy, self._model_dir.name)
+        save_config(policy, self._model_dir.name)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(self.kv_cache_space_gib))))
         kwargs: dict[str, Any] = dict(
             model=self._model_dir.name,
+            load_format="dummy",  # random weights, replaced by the policy's below
             skip_tokenizer_init=True,  # we hand it token ids and decode with our own tokenizer
             dtype=str(next(policy.parameters()).dtype).removeprefix("torch."),
             enable_prefix_caching=self.enable_prefix_caching,
             logprobs_mode="processed_logprobs",  # after temperature and filters, as TRL's IS correction expects
             max_model_len=self.max_model_len,
             enforce_eager=self.enforce_eager,
-            seed=torch.initial_seed() % 2**32 if self.seed is None else self.seed,
+            seed=((torch.initial_seed() if self.seed is None else self.seed) + rank) % 2**32,  # ranks sample apart
+            **launcher_kwargs(rank, world_size),
         )
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
@@ -209,6 +217,7 @@ class VLLMSampler(Sampler):
         # process of its own); in the training process both are put back
         torch.set_num_threads = set_threads
         set_threads(threads)
+        push_weights(llm, policy_weights(policy))
         return llm
 
     # ----- generation and the rollout -----------------------------------------------------------------------
@@ -321,8 +330,9 @@ def sampled_logps(token_ids: Iterable[int], logprobs: Any) -> list[float]:
 
 
 def fingerprint(policy: nn.Module) -> tuple[int, int]:
-    """``(id, sum of parameter versions)``: changes whenever a parameter is modified in place (optimiser steps)."""
-    return id(policy), sum(p._version for p in policy.parameters())
+    """``(id, sum of parameter versions)``: changes whenever a parameter is modified in place (optimiser steps; under
+    FSDP2 read from the shards, :func:`~gcpo_lightning.policy.sharding.parameter_version`)."""
+    return id(policy), parameter_version(policy)
 
 
 @contextmanager
@@ -345,33 +355,51 @@ def policy_device(policy: nn.Module) -> torch.device:
 
 
 def check_pushable(policy: nn.Module) -> None:
-    """Raise ``NotImplementedError`` for the set-ups whose weights cannot be pushed yet (FSDP2, several ranks)."""
-    if is_sharded(policy):
-        raise NotImplementedError(
-            "VLLMSampler: FSDP2-sharded policies are not supported yet: this needs one engine per rank "
-            "(vllm.LLM(distributed_executor_backend='external_launcher')) fed by policy.sharding.full_state_dict"
+    """Raise a clear error when ``policy``'s full weights cannot be read here: an FSDP2-sharded policy must be
+    gathered (:func:`~gcpo_lightning.policy.sharding.full_parameters`, as ``GCPOModule`` does for its rollouts)."""
+    if is_sharded(policy) and not is_gathered(policy):
+        raise RuntimeError(
+            "VLLMSampler: the policy is FSDP2-sharded and not gathered: call sample() inside "
+            "gcpo_lightning.policy.sharding.full_parameters(policy), as GCPOModule's training and validation steps do"
         )
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of ``torch.distributed`` (``(0, 1)`` when it is not initialised)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            raise NotImplementedError(
-                "VLLMSampler: several ranks are not supported yet: each rank needs its own engine on its own "
-                "device (vllm.LLM(distributed_executor_backend='external_launcher'))"
-            )
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
-def save_policy(policy: nn.Module, path: str) -> None:
-    """Write ``policy`` as a plain Hugging Face folder vLLM can load (merged weights for a LoRA policy)."""
-    if is_lora(policy):
-        export_merged(policy, None, path)
-    else:
-        policy.save_pretrained(path)  # type: ignore[operator]  # a Hugging Face PreTrainedModel
+def launcher_kwargs(rank: int, world_size: int) -> dict[str, Any]:
+    """``vllm.LLM`` arguments for one engine per rank (``external_launcher``: each rank's engine joins the process
+    group the trainer started, tensor parallel size 1, and generates its own rank's prompts), and the environment
+    it reads the rank from (Lightning does not set ``RANK`` in every process)."""
+    if world_size == 1:
+        return {}
+    os.environ["RANK"] = str(rank)
+    os.environ.setdefault("LOCAL_RANK", str(rank))  # one node; multi-node launchers set it
+    os.environ["WORLD_SIZE"] = str(world_size)
+    return {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
+
+
+def save_config(policy: nn.Module, path: str) -> None:
+    """Write the Hugging Face config of ``policy``'s plain model to ``path`` (a LoRA policy: its base model's; no
+    ``quantization_config``: the engine gets full-precision, merged weights). The weights are pushed after the
+    engine is built, so nothing else is written (``save_pretrained`` writes on rank 0 only under several ranks)."""
+    model: Any = policy.get_base_model() if is_lora(policy) else policy  # type: ignore[operator]
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(path)
 
 
 def policy_weights(policy: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """``(name, tensor)`` pairs under the Hugging Face checkpoint names (merged weights for a LoRA policy)."""
     check_pushable(policy)
-    state = merged_state_dict(policy) if is_lora(policy) else policy.state_dict()
-    return iter((name, t.detach()) for name, t in state.items())
+    if is_lora(policy):
+        return iter(merged_state_dict(policy).items())
+    return gathered_weights(policy)
 
 
 def push_weights(llm: Any, weights: Iterable[tuple[str, Tensor]]) -> None:
