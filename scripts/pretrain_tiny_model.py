@@ -188,7 +188,7 @@ class MixtureSampler:
 
     def integration(self) -> Example:
         q = self.question()
-        cands = self.candidates(q, self.rng.randint(2, self.args.max_candidates))
+        cands = self.candidates(q, self.rng.randint(self.args.min_candidates, self.args.max_candidates))
         prompt = INTEGRATION_TEMPLATE.format(question=q, candidates=render_candidates(cands))
         if self.args.integration_target == "majority":
             return Example(prompt, majority_candidate(cands))
@@ -213,7 +213,7 @@ class MixtureSampler:
 
     def context(self) -> Example:
         q = self.question()
-        cands = self.candidates(q, self.rng.randint(2, self.args.max_candidates))
+        cands = self.candidates(q, self.rng.randint(self.args.min_candidates, self.args.max_candidates))
         i = self.rng.randrange(len(cands))
         integrated = self.combined(q, cands)
         prompt = CONTEXT_TEMPLATE.format(question=q, others=render_candidates(cands, skip=i), integrated=integrated)
@@ -393,6 +393,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--error-rate", type=float, default=0.6, help="teacher mistake rate per carry/borrow step")
     p.add_argument("--cand-error-rate", type=float, default=0.6, help="mistake rate of the noisy candidates")
     p.add_argument("--slip-rate", type=float, default=0.3, help="probability that a noisy candidate has a random slip")
+    p.add_argument("--min-candidates", type=int, default=2, help="fewest candidates in integration/context examples")
     p.add_argument("--max-candidates", type=int, default=8)
     p.add_argument(
         "--init", type=Path, default=None, help="continue from this checkpoint (stage 2) instead of a new model"
@@ -452,6 +453,23 @@ def lr_at(step: int, a: argparse.Namespace) -> float:
         return a.lr * (step + 1) / a.warmup
     t = (step - a.warmup) / max(1, a.steps - a.warmup)
     return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+STAGE_KEYS = ("command", "selected_step", "selected_in_band", "selected_metrics", "group_metrics", "train_wall_s")
+
+
+def stage_summary(info: dict) -> dict:
+    """The part of a stage's ``training_info.json`` its successors keep in their ``lineage``."""
+    return {k: info[k] for k in (*STAGE_KEYS, "total_wall_s", "steps_trained") if k in info}
+
+
+def lineage_of(init: Path | None) -> list[dict]:
+    """The stages that made the checkpoint ``init``: its own ``lineage`` (which ends with it), or its summary."""
+    path = init / "training_info.json" if init is not None else None
+    if path is None or not path.exists():
+        return []
+    info = json.loads(path.read_text())
+    return info.get("lineage") or [stage_summary(info)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -538,6 +556,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch_version": torch.__version__,
         "threads": a.threads,
     }
+    info["lineage"] = [*lineage_of(a.init), stage_summary(info)]  # every stage, this one last
     print(json.dumps({k: info[k] for k in ("selected_step", "selected_metrics", "group_metrics", "total_wall_s")}))
     if a.no_save:
         return
