@@ -36,6 +36,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -251,11 +255,11 @@ def write_plot(grouped: dict[str, dict[int, RunResult]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_band(ax: object, x: list, bands: list[Interval], label: str) -> None:
+def plot_band(ax: Axes, x: list, bands: list[Interval], label: str) -> None:
     """One method's mean line and 95% band on ``ax``."""
-    line = ax.plot(x, [100 * b.mean for b in bands], marker="o", markersize=3, label=label)  # type: ignore[attr-defined]
+    line = ax.plot(x, [100 * b.mean for b in bands], marker="o", markersize=3, label=label)
     lows, highs = [100 * b.low for b in bands], [100 * b.high for b in bands]
-    ax.fill_between(x, lows, highs, alpha=0.15, color=line[0].get_color())  # type: ignore[attr-defined]
+    ax.fill_between(x, lows, highs, alpha=0.15, color=line[0].get_color())
 
 
 def write_outputs(results: list[RunResult], args: argparse.Namespace) -> None:

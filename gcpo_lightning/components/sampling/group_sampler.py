@@ -65,7 +65,9 @@ class GroupSampler(Sampler):
         prompt_ids, prompt_mask = self._encode(models, prompts, num_generations)
         start = time.perf_counter()
         completion_ids = self._generate(models, prompt_ids, prompt_mask, greedy)  # [N, T]
-        return self._rollout(models, prompts, prompt_ids, prompt_mask, completion_ids, num_generations, start, score)
+        return self.finish_rollout(
+            models, prompts, prompt_ids, prompt_mask, completion_ids, num_generations, start, score
+        )
 
     @torch.no_grad()
     def sample_shared(
@@ -114,7 +116,9 @@ class GroupSampler(Sampler):
             )
         finally:
             policy.train(was_training)
-        rollout = self._rollout(models, flat, prompt_ids, prompt_mask, completion_ids, num_generations, start, score)
+        rollout = self.finish_rollout(
+            models, flat, prompt_ids, prompt_mask, completion_ids, num_generations, start, score
+        )
         rollout.continuation_logps, rollout.prompt_cache = forced_logps, cache
         return rollout
 
@@ -143,7 +147,7 @@ class GroupSampler(Sampler):
         """Left-padded prompt ids and mask, each row repeated ``num_generations`` times.  ``[N, P]`` twice."""
         return encode_prompts(models.tokenizer, prompts, num_generations, next(models.policy.parameters()).device)
 
-    def _rollout(
+    def finish_rollout(
         self,
         models: PolicyModels,
         prompts: list[str],
@@ -154,6 +158,8 @@ class GroupSampler(Sampler):
         start: float,
         score: bool,
     ) -> Rollout:
+        """The :class:`Rollout` of generated ``completion_ids`` after ``prompt_ids``, timed from ``start``;
+        scored by the policy (old log-probs) when ``score``."""
         generated = time.perf_counter()
         rollout = rollout_from_tokens(
             models.tokenizer, prompts, prompt_ids, prompt_mask, completion_ids, num_generations
@@ -186,7 +192,9 @@ class GroupSampler(Sampler):
             n, count = sum(rows_of[g:last]), sum(sizes[g:last])  # rows and prompts in this chunk
             rows = slice(first, first + n)
             prompts = list(range(prompt, prompt + count))
-            forced = None if continuations is None else self._forced(models, continuations, prompts, K, keep)
+            forced = (
+                None if continuations is None else self.forced_continuations(models, continuations, prompts, K, keep)
+            )
             tokens, out = self._generate_shared_chunk(
                 models, prompt_ids[rows], prompt_mask[rows], rows_of[g:last], greedy, forced
             )
@@ -203,7 +211,7 @@ class GroupSampler(Sampler):
             cat_prompt_caches(caches) if caches else None,
         )
 
-    def _forced(
+    def forced_continuations(
         self, models: PolicyModels, continuations: list[list[int]], prompts: list[int], K: int, keep: set[int]
     ) -> Forced:
         """The continuations of a chunk's ``prompts`` (indices into ``continuations``), scored after the first of
@@ -246,7 +254,7 @@ class GroupSampler(Sampler):
             suffix_ids,
             suffix_mask,
             owner,
-            self._decoding(models, greedy),
+            self.decoding(models, greedy),
             forced=forced,
         )
 
@@ -266,9 +274,10 @@ class GroupSampler(Sampler):
         return pad_cat(chunks, models.tokenizer.pad_token_id)
 
     def _generate_chunk(self, models: PolicyModels, ids: Tensor, mask: Tensor, greedy: bool) -> Tensor:
-        return self.backend.generate(models.policy, ids, mask, self._decoding(models, greedy))
+        return self.backend.generate(models.policy, ids, mask, self.decoding(models, greedy))
 
-    def _decoding(self, models: PolicyModels, greedy: bool) -> Decoding:
+    def decoding(self, models: PolicyModels, greedy: bool) -> Decoding:
+        """This sampler's decoding settings (greedy when ``greedy`` or at temperature 0)."""
         tok = models.tokenizer
         return Decoding(
             max_new_tokens=self.max_completion_length,

@@ -8,7 +8,7 @@ The rows, ``K`` per context ``x_{i,l}``, are generated a few whole groups at a t
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -18,6 +18,9 @@ from gcpo_lightning.components.sampling.padding import left_pad, pad_cat
 from gcpo_lightning.functional.batching import group_spans
 from gcpo_lightning.functional.set_attention import block_rows, visible_lines
 from gcpo_lightning.interfaces.containers import PolicyModels, PromptCache, Rollout, SetContexts, cat_prompt_caches
+
+if TYPE_CHECKING:
+    from gcpo_lightning.components.sampling.group_sampler import GroupSampler
 
 
 def context_tokens(contexts: SetContexts, n: int, m: int) -> list[int]:
@@ -39,7 +42,7 @@ def chunk_blocks(contexts: SetContexts, candidates: list[int]) -> SetBlocks:
 
 
 def sample_set(
-    sampler: Any,
+    sampler: GroupSampler,
     models: PolicyModels,
     contexts: SetContexts,
     K: int,
@@ -59,6 +62,7 @@ def sample_set(
     device, pad = contexts.block_ids.device, models.tokenizer.pad_token_id
     sizes = torch.unique_consecutive(contexts.group, return_counts=True)[1].tolist()  # candidates per group
     step = sampler.generation_batch_size or N * M * K
+    backend: Any = sampler.backend  # a backend with generate_set (checked by GroupSampler.sample_set)
     keep = set(keep_cache or [])
     start = time.perf_counter()
     policy, was_training = models.policy, models.policy.training
@@ -73,15 +77,17 @@ def sample_set(
                 contexts.tail_ids[p // M, p % M][contexts.tail_mask[p // M, p % M].bool()].tolist() for p in prompts
             ]
             tail_ids, tail_mask = left_pad(tails, pad, device)
-            forced = None if continuations is None else sampler._forced(models, continuations, prompts, K, keep)
+            forced = (
+                None if continuations is None else sampler.forced_continuations(models, continuations, prompts, K, keep)
+            )
             owner = torch.arange(n, device=device).repeat_interleave(M * K)  # [rows] the context of each row
-            tokens, out = sampler.backend.generate_set(
+            tokens, out = backend.generate_set(
                 models.policy,
                 chunk_blocks(contexts, candidates),
                 tail_ids.repeat_interleave(K, 0),
                 tail_mask.repeat_interleave(K, 0),
                 owner,
-                sampler._decoding(models, greedy),
+                sampler.decoding(models, greedy),
                 forced=forced,
             )
             chunks.append(tokens)
@@ -96,7 +102,7 @@ def sample_set(
 
 
 def set_rollout(
-    sampler: Any,
+    sampler: GroupSampler,
     models: PolicyModels,
     contexts: SetContexts,
     K: int,
@@ -110,7 +116,7 @@ def set_rollout(
     tok = models.tokenizer
     seqs = [context_tokens(contexts, n, m) for n in range(N) for m in range(M)]  # N*M
     prompt_ids, prompt_mask = left_pad(seqs, tok.pad_token_id, contexts.block_ids.device)
-    rollout = sampler._rollout(
+    rollout = sampler.finish_rollout(
         models,
         tok.batch_decode(prompt_ids, skip_special_tokens=True),
         prompt_ids.repeat_interleave(K, 0),
