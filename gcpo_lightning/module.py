@@ -23,7 +23,14 @@ from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
 from gcpo_lightning.components.sampling.group_sampler import GroupSampler
 from gcpo_lightning.evaluation.evaluator import HeldOutEvaluation, ProblemResults
 from gcpo_lightning.interfaces.containers import PenaltyInputs, PolicyModels, Rollout
-from gcpo_lightning.interfaces.protocols import CausalGraphBuilder, ProjectedKL, RewardAdjuster, RewardFn, Sampler
+from gcpo_lightning.interfaces.protocols import (
+    CausalGraphBuilder,
+    ProjectedKL,
+    RewardAdjuster,
+    RewardFn,
+    Sampler,
+    release_sampler_memory,
+)
 from gcpo_lightning.policy.builder import PolicyBuilder
 from gcpo_lightning.policy.sharding import full_parameters
 from gcpo_lightning.rewards.arithmetic import arithmetic_accuracy
@@ -239,6 +246,7 @@ class GCPOModule(RebuildsComponents, L.LightningModule):
                 rewards, per_func = self.score_rewards(rollout)
             with timed(metrics, "graph"):  # 3
                 graph = self.graph_builder.build(rollout, models, self.sampler)
+            release_sampler_memory(self.sampler)  # generation is over for this step (vLLM's sleep mode)
             batch_rewards = gather_across_ranks(rewards)  # [W*N]: every rank's rewards
             advantages = self.adjuster.adjust(rewards, rollout, graph, batch_rewards=batch_rewards)  # 4
             with timed(metrics, "reference"):  # 5

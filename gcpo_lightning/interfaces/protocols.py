@@ -31,7 +31,12 @@ RewardFn = Callable[..., Sequence[float | None]]
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Generates groups of completions and scores them under the rollout policy (old log-probs, ``rep(y)``)."""
+    """Generates groups of completions and scores them under the rollout policy (old log-probs, ``rep(y)``).
+
+    A sampler may also define ``sleep()``: the module calls it once a step's generation phases are over, before
+    the update, for a sampler that holds memory the update can use (``VLLMSampler``'s sleep mode); the next
+    ``sample`` must work after it. See :func:`release_sampler_memory`.
+    """
 
     temperature: float
     max_completion_length: int
@@ -41,6 +46,13 @@ class Sampler(Protocol):
     ) -> Rollout:
         """``num_generations`` completions per prompt, group-major; ``score`` fills old log-probs and hidden states."""
         ...
+
+
+def release_sampler_memory(sampler: Sampler) -> None:
+    """Call ``sampler.sleep()`` where the sampler defines it (the generation phases of a step are over)."""
+    sleep = getattr(sampler, "sleep", None)
+    if callable(sleep):
+        sleep()
 
 
 @runtime_checkable

@@ -63,6 +63,11 @@ class VLLMSampler(Sampler):
     does. A scored rollout also gets these weights in :attr:`last_importance_weights` and their statistics in its
     metrics (``sampling/...``, TRL's names), with the correction on or off.
 
+    With ``sleep_level`` 1 or 2 (CUDA only: vLLM's sleep mode) the engine gives its GPU memory back between the
+    generation phases and the update: ``GCPOModule`` calls :meth:`sleep` once a step's rollout and causal graph
+    are built, and the next :meth:`sample` wakes the engine, weights first (pushed when they changed, always at
+    level 2, whose sleep discards them), then the KV cache, whose prefix cache is reset.
+
     Args:
         temperature: sampling temperature (TRL's ``temperature``); 0 means greedy.
         top_p: nucleus sampling mass; 1.0 disables it.
@@ -84,6 +89,9 @@ class VLLMSampler(Sampler):
         enable_prefix_caching: reuse the KV cache of shared prompt prefixes (reset after every weight push).
         enforce_eager: run the model without CUDA graphs / compilation (faster start; the default on CPU tests).
         seed: the engine's seed (plus the rank under several ranks); ``None``: ``torch.initial_seed()`` of the process.
+        sleep_level: vLLM's sleep mode between generation and the update (CUDA only): 0 off; 1 offloads the
+            engine's weights to CPU memory and drops its KV cache; 2 drops both (the policy's weights are pushed on
+            wake; TRL's ``vllm_enable_sleep_mode`` uses level 2).
         engine_kwargs: further keyword arguments of ``vllm.LLM`` (e.g. ``{"dtype": "bfloat16"}``).
     """
 
@@ -105,9 +113,12 @@ class VLLMSampler(Sampler):
         enable_prefix_caching: bool = True,
         enforce_eager: bool = True,
         seed: int | None = None,
+        sleep_level: int = 0,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         check_sampling_settings("VLLMSampler", temperature, top_p, max_completion_length)
+        if sleep_level not in (0, 1, 2):
+            raise ValueError(f"VLLMSampler: sleep_level must be 0 (off), 1 or 2, got {sleep_level!r}")
         # checks the mode and the bounds now (the correction is rebuilt from the attributes at each sample)
         ImportanceCorrection(importance_sampling_mode, importance_sampling_clip_min, importance_sampling_clip_max)
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
@@ -120,7 +131,8 @@ class VLLMSampler(Sampler):
         self.max_model_len, self.gpu_memory_utilization = max_model_len, gpu_memory_utilization
         self.kv_cache_space_gib, self.enable_prefix_caching = kv_cache_space_gib, enable_prefix_caching
         self.enforce_eager, self.seed = enforce_eager, seed
-        self.engine_kwargs = engine_kwargs
+        self.engine_kwargs, self.sleep_level = engine_kwargs, sleep_level
+        self.sleeping = False  # the engine is asleep (sleep mode): the next sample() wakes it
         self.llm: Any = None  # the vllm.LLM, built by the first sample()
         self.weight_pushes = 0  # how many times weights were pushed into the engine (not counting the build)
         self.last_sampler_logps: Tensor | None = None  # [N, T] vLLM's log-probs of the last rollout's tokens
@@ -169,12 +181,33 @@ class VLLMSampler(Sampler):
     # ----- weights: build the engine, push after updates ----------------------------------------------------
 
     def ensure_synced(self, policy: nn.Module) -> None:
-        """Build the engine from ``policy`` on first use; afterwards push its weights if they changed since."""
+        """Build the engine from ``policy`` on first use; afterwards wake it if asleep and push ``policy``'s weights if
+        they changed since the last push."""
         if self.llm is None:
             self.llm = self._build(policy)
             self._synced = fingerprint(policy)
+        elif self.sleeping:
+            self._wake(policy)
         elif fingerprint(policy) != self._synced:
             self.sync_weights(policy)
+
+    def sleep(self) -> None:
+        """Give the engine's GPU memory back until the next :meth:`sample` (``sleep_level`` 1 or 2; a no-op at 0,
+        before the engine is built, or when it already sleeps). ``GCPOModule`` calls it before every update."""
+        if self.sleep_level == 0 or self.llm is None or self.sleeping:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self.sleeping = True
+
+    def _wake(self, policy: nn.Module) -> None:
+        """Wake the engine: its weights (then ``policy``'s pushed, if they changed or level 2 discarded them), then
+        its KV cache, whose cached prefixes are forgotten (their blocks were dropped)."""
+        self.llm.wake_up(tags=["weights"])
+        self.sleeping = False
+        if self.sleep_level == 2 or fingerprint(policy) != self._synced:
+            self.sync_weights(policy)
+        self.llm.wake_up(tags=["kv_cache"])
+        self.llm.reset_prefix_cache()
 
     def sync_weights(self, policy: nn.Module) -> None:
         """Load ``policy``'s current weights into the engine (merged ones with LoRA) and reset its prefix cache."""
@@ -190,6 +223,11 @@ class VLLMSampler(Sampler):
         """A ``vllm.LLM`` holding ``policy``'s current weights: built from its config alone (saved to a temporary
         folder, kept while it lives; ``load_format="dummy"``), then the weights pushed as after an update."""
         check_pushable(policy)
+        if self.sleep_level and not torch.cuda.is_available():
+            raise ValueError(
+                f"VLLMSampler: sleep_level={self.sleep_level} needs CUDA (vLLM's sleep mode is CUDA-only); "
+                "set sleep_level: 0 here"
+            )
         rank, world_size = world()
         LLM = import_vllm().LLM
         self._model_dir = tempfile.TemporaryDirectory(prefix="gcpo-vllm-")
@@ -209,6 +247,8 @@ class VLLMSampler(Sampler):
         )
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+        if self.sleep_level:
+            kwargs["enable_sleep_mode"] = True
         kwargs.update(self.engine_kwargs or {})
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         with kept_random_states():  # the engine seeds Python's, NumPy's and torch's generators: keep the run's
