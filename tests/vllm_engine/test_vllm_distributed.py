@@ -38,6 +38,8 @@ def test_every_rank_samples_its_prompts_with_an_engine_holding_the_trained_weigh
         # built at step 1, pushed before step 2's rollout and before the validation after it
         assert engine["pushes_during_fit"] == 2
         assert engine["max_abs_logp_diff_trained"] < 1e-4  # the engine's log-probs are the trained policy's
-        assert engine["max_abs_logp_diff_initial"] > 0.1  # and not those of the weights it was built from
+        # and not those of the weights it was built from: at least 100 times further from them (2 LoRA steps on the
+        # shipped model move the log-probs by ~0.06 nats, full fine-tuning by ~15)
+        assert engine["max_abs_logp_diff_initial"] > 100 * max(engine["max_abs_logp_diff_trained"], 1e-5)
         logged = [row["sampling/sampling_logp_difference/max"] for row in m["rows"]]
         assert max(logged) < 1e-4  # during the fit too: every rollout scored against the engine's log-probs
