@@ -145,6 +145,7 @@ def test_the_module_puts_the_sampler_to_sleep_after_the_causal_phases_and_before
     trainer = L.Trainer(
         max_steps=2,
         logger=False,
+        default_root_dir=tmp_path,  # completions.jsonl goes here without a logger
         limit_val_batches=0,
         enable_checkpointing=False,
         enable_progress_bar=False,
