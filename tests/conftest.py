@@ -33,8 +33,23 @@ TIERS = ("unit", "component", "e2e")
 FIT_SCRIPT = TESTS / "support" / "distributed_fit.py"
 
 
+SLOW_SECONDS = 10.0
+"""What a test marked ``slow`` without ``seconds=`` is assumed to cost when the modules are ordered."""
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (pyproject's addopts): one torch thread each
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test with its tier, read from its folder: ``tests/<tier>/...`` gets ``pytest.mark.<tier>``."""
+    """Mark every test with its tier, read from its folder (``tests/<tier>/...`` gets ``pytest.mark.<tier>``), and
+    put the costliest modules first.
+
+    Under ``-n auto --dist loadscope --no-loadscope-reorder`` (``addopts`` in pyproject.toml) each module goes whole
+    to one worker, in this order: starting the longest ones (the vLLM tier, resume, FSDP2) first keeps the two workers
+    busy to the end instead of leaving one module of several minutes for last. A module's cost is the sum of its
+    tests' ``slow(seconds=N)`` (``slow`` alone counts :data:`SLOW_SECONDS`); ties keep the collected order, and the
+    order of tests inside a module never changes.
+    """
     for item in items:
         try:
             tier = item.path.relative_to(TESTS).parts[0]
@@ -42,6 +57,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+    cost: dict[Path, float] = {}
+    for item in items:
+        marker = item.get_closest_marker("slow")
+        seconds = float(marker.kwargs.get("seconds", SLOW_SECONDS)) if marker else 0.0
+        cost[item.path] = cost.get(item.path, 0.0) + seconds
+    items.sort(key=lambda item: -cost[item.path])  # stable: the collected order within a module and among equals
 
 
 def save_tiny_llama(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:

@@ -131,7 +131,7 @@ def test_finds_gguf_file() -> None:
     assert path.stat().st_size > 50_000_000
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)  # the first user of `smollm2_dir`: the conversion
 def test_converted_folder_is_plain_checkpoint(smollm2_dir: Path) -> None:
     assert smollm2.is_converted(smollm2_dir)
     assert not list(smollm2_dir.glob("*.gguf"))

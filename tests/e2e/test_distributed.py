@@ -31,7 +31,7 @@ def runs(run_fit, tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     return {"full": full, "first": first, "resumed": resumed}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=80)  # the first user of `runs`: its three fits
 def test_policy_is_sharded_and_checkpoint_is_distributed(fit_metrics, runs):
     assert fit_metrics(runs["full"])["sharded"] and fit_metrics(runs["full"], 1)["sharded"]
     ckpt = runs["first"] / "ckpt" / "step=2.ckpt"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=50)  # each of the four
 @pytest.mark.parametrize(
     "options",
     [[], ["--lora"], ["--lora", "--qlora"], ["--reference-4bit"]],
@@ -44,7 +44,7 @@ def test_resume_equals_uninterrupted_run(run_fit, fit_metrics, tiny_model_dir, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=22)
 def test_sigterm_saves_a_checkpoint_that_resumes(run_fit, fit_metrics, fit_script, tiny_model_dir, tmp_path):
     out = tmp_path / "killed"
     script, env = fit_script
