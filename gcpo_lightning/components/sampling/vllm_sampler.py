@@ -201,11 +201,12 @@ class VLLMSampler(Sampler):
 
     def _wake(self, policy: nn.Module) -> None:
         """Wake the engine: its weights (then ``policy``'s pushed, if they changed or level 2 discarded them), then
-        its KV cache, whose cached prefixes are forgotten (their blocks were dropped)."""
+        its KV cache, whose cached prefixes are then forgotten once (their blocks were dropped, and any push made them
+        stale)."""
         self.llm.wake_up(tags=["weights"])
         self.sleeping = False
         if self.sleep_level == 2 or fingerprint(policy) != self._synced:
-            self.sync_weights(policy)
+            self._push(policy)
         self.llm.wake_up(tags=["kv_cache"])
         self.llm.reset_prefix_cache()
 
@@ -214,8 +215,12 @@ class VLLMSampler(Sampler):
         if self.llm is None:
             self.ensure_synced(policy)
             return
-        push_weights(self.llm, policy_weights(policy))
+        self._push(policy)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def _push(self, policy: nn.Module) -> None:
+        """Load ``policy``'s weights into the built engine and record them as synced (the caller resets the cache)."""
+        push_weights(self.llm, policy_weights(policy))
         self._synced = fingerprint(policy)
         self.weight_pushes += 1
 
