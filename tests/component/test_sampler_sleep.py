@@ -38,7 +38,8 @@ class RecordingEngine:
 
 def engine_sampler(sleep_level: int, policy: nn.Module) -> tuple[VLLMSampler, RecordingEngine]:
     """A sampler whose engine (the stand-in) holds ``policy``'s current weights, as after its first ``sample``."""
-    sampler = VLLMSampler(sleep_level=sleep_level)
+    sampler = VLLMSampler()  # built at level 0, then set: the CUDA check in __init__ is for real engines
+    sampler.sleep_level = sleep_level
     engine = RecordingEngine()
     sampler.llm, sampler._synced = engine, fingerprint(policy)
     return sampler, engine
@@ -96,9 +97,9 @@ def test_sleep_level_0_never_sleeps_and_bad_levels_are_refused():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
-def test_sleep_mode_without_cuda_is_refused_before_vllm_is_loaded():
+def test_sleep_mode_without_cuda_is_refused_when_the_sampler_is_made():
     with pytest.raises(ValueError, match="sleep_level=2 needs CUDA"):
-        VLLMSampler(sleep_level=2)._build(nn.Linear(2, 2))
+        VLLMSampler(sleep_level=2)  # from the config, before the policy (or vLLM) is loaded
 
 
 class RecordingSampler(GroupSampler):

@@ -119,6 +119,11 @@ class VLLMSampler(Sampler):
         check_sampling_settings("VLLMSampler", temperature, top_p, max_completion_length)
         if sleep_level not in (0, 1, 2):
             raise ValueError(f"VLLMSampler: sleep_level must be 0 (off), 1 or 2, got {sleep_level!r}")
+        if sleep_level and not torch.cuda.is_available():  # refused here, before any model is loaded
+            raise ValueError(
+                f"VLLMSampler: sleep_level={sleep_level} needs CUDA (vLLM's sleep mode is CUDA-only); "
+                "set sleep_level: 0 here"
+            )
         # checks the mode and the bounds now (the correction is rebuilt from the attributes at each sample)
         ImportanceCorrection(importance_sampling_mode, importance_sampling_clip_min, importance_sampling_clip_max)
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
@@ -228,11 +233,6 @@ class VLLMSampler(Sampler):
         """A ``vllm.LLM`` holding ``policy``'s current weights: built from its config alone (saved to a temporary
         folder, kept while it lives; ``load_format="dummy"``), then the weights pushed as after an update."""
         check_pushable(policy)
-        if self.sleep_level and not torch.cuda.is_available():
-            raise ValueError(
-                f"VLLMSampler: sleep_level={self.sleep_level} needs CUDA (vLLM's sleep mode is CUDA-only); "
-                "set sleep_level: 0 here"
-            )
         rank, world_size = world()
         LLM = import_vllm().LLM
         self._model_dir = tempfile.TemporaryDirectory(prefix="gcpo-vllm-")
