@@ -3,7 +3,7 @@
 #
 # `.venv` with the dev extras (scripts/setup.sh dev) and vLLM's own `.venv-vllm` (scripts/setup_vllm.sh) are
 # independent, and each install is mostly one process unpacking wheels, so on two cores running them at once takes
-# about the time of the longer one (docs/benchmarks.md, "CI time"). vLLM's log goes to .venv-vllm-setup.log and is
+# about the time of the longer one (docs/benchmarks.md, "Test and CI time"). vLLM's log goes to .venv-vllm-setup.log and is
 # printed if it fails; the exit status is non-zero if either fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
