@@ -65,8 +65,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: -cost[item.path])  # stable: the collected order within a module and among equals
 
 
-def save_tiny_llama(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """A random ``LlamaForCausalLM`` of a few thousand parameters plus the char tokenizer, saved in ``path``."""
+def save_tiny_llama(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, kv_heads: int = 4) -> Path:
+    """A random ``LlamaForCausalLM`` of a few thousand parameters plus the char tokenizer, saved in ``path``
+    (4 attention heads; ``kv_heads < 4``: grouped-query attention, as Qwen and Llama 3 have)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_char_tokenizer()
@@ -77,7 +78,7 @@ def save_tiny_llama(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=1024,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
@@ -91,7 +92,8 @@ def save_tiny_llama(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2
 
 @pytest.fixture(scope="session")
 def make_tiny_llama() -> Callable[..., Path]:
-    """``save_tiny_llama(path, seed=0, hidden=32, layers=2)``: other sizes and seeds than ``tiny_model_dir``."""
+    """``save_tiny_llama(path, seed=0, hidden=32, layers=2, kv_heads=4)``: other sizes and seeds than
+    ``tiny_model_dir``."""
     return save_tiny_llama
 
 

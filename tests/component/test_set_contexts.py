@@ -193,13 +193,25 @@ def test_set_layout_needs_a_backend_that_can(make_module, tiny_model_dir):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_cascade_attention_equals_the_gathered_cache(make_module, temperature):
     # the shipped arithmetic model: rows end at different steps, so compaction drops rows from the shared blocks too
-    from gcpo_lightning.components.sampling import set_cascade
-    from gcpo_lightning.components.sampling.backends import KVCacheLoop
     from gcpo_lightning.policy.loading import ASSETS
 
     module, models, rollout = _graph(make_module, ASSETS / "tiny-arith", G=4, M=2, K=2, batch=20)
+    _assert_cascade_equals_gathered(module, models, rollout, temperature)
+
+
+def test_cascade_attention_with_grouped_query_heads(make_module, make_tiny_llama, tmp_path):
+    # Qwen2's and Llama 3's layout: 2 KV heads for 4 query heads (each KV head's queries are merged together)
+    module, models, rollout = _graph(make_module, make_tiny_llama(tmp_path, kv_heads=2), G=4, M=2, K=1, batch=4)
+    assert models.policy.config.num_key_value_heads == 2
+    _assert_cascade_equals_gathered(module, models, rollout, temperature=1.0, tokens=12)
+
+
+def _assert_cascade_equals_gathered(module, models, rollout, temperature: float, tokens: int = 64) -> None:
+    from gcpo_lightning.components.sampling import set_cascade
+    from gcpo_lightning.components.sampling.backends import KVCacheLoop
+
     module.sampler.temperature = temperature
-    module.sampler.max_completion_length = 64
+    module.sampler.max_completion_length = tokens
     assert set_cascade.supports_cascade(models.policy)
     graphs = []
     for cascade in (False, True):

@@ -133,7 +133,8 @@ def set_cascade_attention(
     out_own, lse_own = own_attention(grouped, key, value, attention_mask, q, scale)
     weight = torch.sigmoid(lse_block.float() - lse_own).unsqueeze(-1)  # the block's share of the softmax mass
     out = weight * out_block.float() + (1 - weight) * out_own  # [r, h_kv, rep*q, d]
-    return out.view(r, h, q, d).to(query.dtype).transpose(1, 2).contiguous(), None
+    # reshape, not view: the merge keeps the block output's strides, which the grouped heads (h_kv < h) leave apart
+    return out.reshape(r, h, q, d).to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 def register() -> None:
