@@ -74,6 +74,15 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+def gcpo_setting(G: int, M: int, K: int) -> list[str]:
+    """The overrides of ``configs/gcpo.yaml`` for G candidates, M integrated outputs and K samples per context."""
+    return [
+        f"--model.num_generations={G}",
+        f"--model.graph_builder.init_args.num_integrated={M}",
+        f"--model.graph_builder.init_args.num_context_samples={K}",
+    ]
+
+
 def run(config: str, steps: int, prompts: int, extra: list[str], threads: int | None) -> dict[str, float]:
     """Median seconds per phase (and median tokens/s) over the steps after the first."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -105,7 +114,8 @@ def run(config: str, steps: int, prompts: int, extra: list[str], threads: int | 
         with open(Path(tmp) / "run" / "version_0" / "metrics.csv") as f:
             rows = [r for r in csv.DictReader(f) if r.get("timing/update")]
     rows = rows[1:] or rows
-    keys = [f"timing/{p}" for p in STEP_PHASES + GRAPH_PHASES] + [k for k in rows[0] if k.startswith("tokens_per_s/")]
+    measured = [k for k in rows[0] if k.startswith(("tokens_per_s/", "memory/"))]
+    keys = [f"timing/{p}" for p in STEP_PHASES + GRAPH_PHASES] + measured
     out = {k.replace("timing/", ""): statistics.median(float(r[k]) for r in rows) for k in keys if rows[0].get(k)}
     out["step"] = statistics.median(
         sum(float(r[f"timing/{p}"]) for p in STEP_PHASES if r.get(f"timing/{p}")) for r in rows
@@ -159,12 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                     "configs/gcpo.yaml",
                     args.steps,
                     args.prompts,
-                    [
-                        f"--model.num_generations={G}",
-                        f"--model.graph_builder.init_args.num_integrated={M}",
-                        f"--model.graph_builder.init_args.num_context_samples={K}",
-                        *VARIANTS[name],
-                    ],
+                    [*gcpo_setting(G, M, K), *VARIANTS[name]],
                     args.threads,
                 )
                 print(

@@ -7,7 +7,6 @@ states, completion tables, per-problem results) from callbacks (``configure_call
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import lightning as L
@@ -22,6 +21,7 @@ from gcpo_lightning.components.graphs.independent import IndependentResponses
 from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
 from gcpo_lightning.components.sampling.group_sampler import GroupSampler
 from gcpo_lightning.evaluation.evaluator import HeldOutEvaluation, ProblemResults
+from gcpo_lightning.functional.clock import wall_time
 from gcpo_lightning.interfaces.containers import PenaltyInputs, PolicyModels, Rollout
 from gcpo_lightning.interfaces.protocols import (
     CausalGraphBuilder,
@@ -237,7 +237,9 @@ class GCPOModule(RebuildsComponents, L.LightningModule):
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> dict[str, Any]:
         """1 sample and score, 2 reward, 3 causal graph, 4 advantages, 5 penalty inputs, 6 clipped updates."""
         metrics: dict[str, float] = {}
-        models, start = self.models(), time.perf_counter()
+        models, start = self.models(), wall_time()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         with full_parameters(self.built_policy):  # FSDP: gather once for the whole no-grad rollout phase
             score = needs_rollout_scores(self, len(batch))  # 1
             rollout = self.sampler.sample(models, self.prompts_for(batch), self.num_generations, score=score)
@@ -254,7 +256,9 @@ class GCPOModule(RebuildsComponents, L.LightningModule):
         with timed(metrics, "update"):  # 6
             metrics.update(update_policy(self, rollout, advantages, prepared, models))
         metrics.update(rollout.metrics, **graph.metrics, **advantages.metrics, skipped_steps=float(self.skips.total))
-        metrics["timing/step"] = time.perf_counter() - start
+        metrics["timing/step"] = wall_time() - start
+        if self.device.type == "cuda":  # the step's high-water mark of tensors on this GPU
+            metrics["memory/cuda_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.step_logger.log(self, rollout, batch_rewards, gather_across_ranks(per_func), metrics)
         return {"rollout": rollout, "rewards": batch_rewards[: len(rollout.completions)], "step": self.global_step}
 

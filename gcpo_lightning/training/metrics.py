@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -11,6 +10,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from gcpo_lightning.functional.advantages import frac_zero_std
+from gcpo_lightning.functional.clock import wall_time
 from gcpo_lightning.interfaces.containers import Rollout
 from gcpo_lightning.rewards.base import reward_name
 
@@ -62,9 +62,9 @@ WALL_CLOCK_PREFIXES = ("timing/", "tokens_per_s/")
 @contextmanager
 def timed(metrics: dict[str, float], name: str) -> Iterator[None]:
     """Add the wall time of the block to ``metrics[f"timing/{name}"]``."""
-    start = time.perf_counter()
+    start = wall_time()
     yield
-    metrics[f"timing/{name}"] = metrics.get(f"timing/{name}", 0.0) + time.perf_counter() - start
+    metrics[f"timing/{name}"] = metrics.get(f"timing/{name}", 0.0) + wall_time() - start
 
 
 class StepLogger(nn.Module):

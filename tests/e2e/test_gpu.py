@@ -39,6 +39,7 @@ def test_bf16_mixed_on_cuda(make_module, tiny_model_dir):
     module = make_module(tiny_model_dir)
     trainer = fit_on_gpu(module, precision="bf16-mixed")
     assert torch.isfinite(trainer.logged_metrics["loss"]) and next(module.policy.parameters()).is_cuda
+    assert trainer.logged_metrics["memory/cuda_peak_gib"] > 0  # the step's high-water mark, logged on CUDA only
 
 
 def test_4bit_reference_on_cuda(make_module, tiny_model_dir):

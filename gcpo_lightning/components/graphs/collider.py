@@ -11,7 +11,6 @@ Every phase is one batched sampler call over the whole batch (no Python loop ove
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import torch
@@ -25,6 +24,7 @@ from gcpo_lightning.components.graphs.prompts import (
 )
 from gcpo_lightning.components.graphs.set_prompts import build_set_contexts, split_context_template
 from gcpo_lightning.components.scoring.logprobs import score_in_batches
+from gcpo_lightning.functional.clock import wall_time
 from gcpo_lightning.interfaces.containers import CausalGraph, PolicyModels, Rollout, SetContexts, require
 from gcpo_lightning.interfaces.protocols import CausalGraphBuilder, Sampler
 
@@ -177,16 +177,16 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         metrics: dict[str, float] = {}
         questions = [row.get("question", row["prompt"]) for row in rollout.rows]
         cands = self.candidate_texts(rollout, models.tokenizer)
-        start = time.perf_counter()
+        start = wall_time()
         integ_prompts = [models.render(p) for p in self.integration_prompts(questions, cands, G)]
         integ = self.sample(sampler, models, [[p] for p in integ_prompts], M, score=False)  # B*M integrated outputs
         integrated = [integ.completions[b * M : (b + 1) * M] for b in range(len(questions))]  # [B][M]
-        metrics["timing/integration"] = time.perf_counter() - start
+        metrics["timing/integration"] = wall_time() - start
         metrics.update(throughput("integration", integ, metrics["timing/integration"]))
         contexts = self.context_prompts(questions, cands, integrated, G)  # [B][G][M]
         per_candidate = [[models.render(x) for x in per_i] for per_b in contexts for per_i in per_b]  # [N][M]
         flat = [x for per_i in per_candidate for x in per_i]  # N*M, order (b, i, l)
-        start = time.perf_counter()
+        start = wall_time()
         continuations = self.continuations(rollout, M) if self.score_candidates else None  # N*M, y_i after x_{i,l}
         keep = list(range(0, len(flat), M)) if self.keep_context_cache else None  # x_{i,0}, order (b, i)
         set_contexts = None
@@ -212,11 +212,11 @@ class ColliderGraphBuilder(CausalGraphBuilder):
                 continuations=continuations,
                 keep=keep,
             )  # N*M*K rows, order (b, i, l, k)
-        metrics["timing/context_generation"] = time.perf_counter() - start
+        metrics["timing/context_generation"] = wall_time() - start
         metrics.update(throughput("context_generation", samples, metrics["timing/context_generation"]))
-        start = time.perf_counter()
+        start = wall_time()
         reps = self.represent(samples, rollout, models, M * K)  # [N*M*K, D]
-        metrics["timing/context_representation"] = time.perf_counter() - start
+        metrics["timing/context_representation"] = wall_time() - start
         metrics.update(throughput("context_representation", samples, metrics["timing/context_representation"]))
         N, D = rollout.completion_ids.shape[0], reps.shape[-1]
         device = rollout.completion_ids.device

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from gcpo_lightning.components.sampling.set_sampling import sample_set
 from gcpo_lightning.components.scoring.logprobs import score_in_batches
 from gcpo_lightning.components.scoring.prefix_sharing import common_prefix_length
 from gcpo_lightning.functional.batching import group_spans
+from gcpo_lightning.functional.clock import wall_time
 from gcpo_lightning.interfaces.containers import PolicyModels, PromptCache, Rollout, SetContexts, cat_prompt_caches
 from gcpo_lightning.interfaces.protocols import Sampler
 
@@ -63,7 +63,7 @@ class GroupSampler(Sampler):
     ) -> Rollout:
         """Generate ``num_generations`` completions for each prompt (group-major) and optionally score them."""
         prompt_ids, prompt_mask = self._encode(models, prompts, num_generations)
-        start = time.perf_counter()
+        start = wall_time()
         completion_ids = self._generate(models, prompt_ids, prompt_mask, greedy)  # [N, T]
         return self.finish_rollout(
             models, prompts, prompt_ids, prompt_mask, completion_ids, num_generations, start, score
@@ -100,7 +100,7 @@ class GroupSampler(Sampler):
         if not hasattr(self.backend, "generate_shared"):
             return self.sample(models, flat, num_generations, greedy, score)
         prompt_ids, prompt_mask = self._encode(models, flat, num_generations)
-        start = time.perf_counter()
+        start = wall_time()
         policy, was_training = models.policy, models.policy.training
         policy.eval()
         try:
@@ -160,14 +160,14 @@ class GroupSampler(Sampler):
     ) -> Rollout:
         """The :class:`Rollout` of generated ``completion_ids`` after ``prompt_ids``, timed from ``start``;
         scored by the policy (old log-probs) when ``score``."""
-        generated = time.perf_counter()
+        generated = wall_time()
         rollout = rollout_from_tokens(
             models.tokenizer, prompts, prompt_ids, prompt_mask, completion_ids, num_generations
         )
         rollout.metrics["timing/generation"] = generated - start
         if score:
             self._score(models, rollout)
-            rollout.metrics["timing/scoring"] = time.perf_counter() - generated
+            rollout.metrics["timing/scoring"] = wall_time() - generated
         return rollout
 
     def _generate_shared(

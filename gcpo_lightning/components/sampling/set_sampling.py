@@ -7,7 +7,6 @@ The rows, ``K`` per context ``x_{i,l}``, are generated a few whole groups at a t
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,6 +15,7 @@ from torch import Tensor
 from gcpo_lightning.components.sampling.backends import SetBlocks
 from gcpo_lightning.components.sampling.padding import left_pad, pad_cat
 from gcpo_lightning.functional.batching import group_spans
+from gcpo_lightning.functional.clock import wall_time
 from gcpo_lightning.functional.set_attention import block_rows, visible_lines
 from gcpo_lightning.interfaces.containers import PolicyModels, PromptCache, Rollout, SetContexts, cat_prompt_caches
 
@@ -64,7 +64,7 @@ def sample_set(
     step = sampler.generation_batch_size or N * M * K
     backend: Any = sampler.backend  # a backend with generate_set (checked by GroupSampler.sample_set)
     keep = set(keep_cache or [])
-    start = time.perf_counter()
+    start = wall_time()
     policy, was_training = models.policy, models.policy.training
     policy.eval()
     chunks, scored, caches, first = [], [], [], 0

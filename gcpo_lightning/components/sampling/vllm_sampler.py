@@ -14,7 +14,6 @@ import math
 import os
 import random
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +28,7 @@ from gcpo_lightning.components.sampling.group_sampler import (
     rollout_from_tokens,
     score_rollout,
 )
+from gcpo_lightning.functional.clock import wall_time
 from gcpo_lightning.interfaces.containers import ImportanceCorrection, PolicyModels, Rollout
 from gcpo_lightning.interfaces.protocols import Sampler
 from gcpo_lightning.policy.lora import is_lora, merged_state_dict
@@ -152,9 +152,9 @@ class VLLMSampler(Sampler):
         self, models: PolicyModels, prompts: list[str], num_generations: int, greedy: bool = False, score: bool = True
     ) -> Rollout:
         """Generate ``num_generations`` completions for each prompt (group-major) and optionally score them."""
-        start = time.perf_counter()
+        start = wall_time()
         self.ensure_synced(models.policy)
-        synced = time.perf_counter()
+        synced = wall_time()
         prompt_ids, prompt_mask = encode_prompts(
             models.tokenizer, prompts, num_generations, policy_device(models.policy)
         )
@@ -166,13 +166,13 @@ class VLLMSampler(Sampler):
             eos_ids(models.tokenizer),
         )
         rollout = self._rollout(models, prompts, prompt_ids, prompt_mask, tokens, num_generations)
-        generated = time.perf_counter()
+        generated = wall_time()
         rollout.metrics["timing/weight_sync"] = synced - start
         rollout.metrics["timing/generation"] = generated - synced
         self._carry_logps(rollout, logps)
         if score:
             self._score(models, rollout)
-            rollout.metrics["timing/scoring"] = time.perf_counter() - generated
+            rollout.metrics["timing/scoring"] = wall_time() - generated
             self._importance(rollout)
         return rollout
 
