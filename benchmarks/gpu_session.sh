@@ -28,9 +28,9 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OF
         lightning.__version__, 'bitsandbytes', b.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 
-timeout "$(until_s $((BUDGET_S * 6 / 10)))" python3 benchmarks/gpu_anchor.py --steps 3 \
+timeout "$(until_s $((BUDGET_S * 55 / 100)))" python3 benchmarks/gpu_anchor.py --steps 3 \
     --compare "${ANCHOR_VARIANTS:-default,default_batch512}" 2>&1 | tee "$OUT/anchor.txt"
-timeout "$(until_s $((BUDGET_S * 8 / 10)))" python3 -m pytest -q -n 0 -p no:cacheprovider tests/e2e/test_gpu.py 2>&1 \
+timeout "$(until_s $((BUDGET_S * 8 / 10)))" python3 -m pytest -v -rA -n 0 -p no:cacheprovider tests/e2e/test_gpu.py 2>&1 \
     | tee "$OUT/gpu_tests.txt"
 timeout "$(until_s "$BUDGET_S")" python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt"
 echo "session: $(($(date +%s) - start)) s" | tee -a "$OUT/machine.txt"
