@@ -4,9 +4,12 @@
     python benchmarks/gpu_anchor.py --compare default,set_query --settings 8,2,1 4,4,4
     python benchmarks/gpu_anchor.py --cpu --tiny --steps 2           # dry run on the CPU (catches script errors)
 
-The model is random, nothing is downloaded: the Qwen2 architecture at Qwen2.5-0.5B's sizes (hidden 896, 24 layers,
-14 query and 2 KV heads, MLP 4864, vocabulary 151,936, tied embeddings; ``--tiny``: 2 layers, hidden 64, the same
-vocabulary), saved with a word-level tokenizer over the same vocabulary. Every id decodes to a word that encodes
+The model is random, nothing is downloaded: Qwen2.5-0.5B's sizes (hidden 896, 24 layers, 14 query and 2 KV heads
+of 64, MLP 4864, vocabulary 151,936, tied embeddings, q/k/v biases, rope theta 1e6; ``--tiny``: 2 layers, hidden 64,
+the same vocabulary) in Hugging Face's Llama classes, saved with a word-level tokenizer over the same vocabulary.
+Llama, not Qwen2: for a ``qwen2`` config ``AutoTokenizer`` loads its Qwen2 tokenizer class, which replaces the
+saved pre-tokenizer with Qwen's (every digit its own token), so "w63000" would come back as 6 tokens; Llama's
+layers differ from Qwen2's only by a bias on the output projection. Every id decodes to a word that encodes
 back to that id, so GCPO's textual contexts, which hold the candidates as text, re-tokenize exactly. A random model
 almost never samples EOS (about 1 / 151,936 per token), so every completion is ``--tokens`` long: the worst case
 of the shape. Rewards are a hash of the completion, uniform in [0, 1), so advantages, causal weights and the update
@@ -52,35 +55,37 @@ def prompt_words() -> list[str]:
 
 
 def save_random_qwen(path: Path, tiny: bool = False, seed: int = 0) -> Path:
-    """A random ``Qwen2ForCausalLM`` of Qwen2.5-0.5B's shape (``tiny``: 2 small layers) and its word tokenizer."""
+    """A random Llama of Qwen2.5-0.5B's shape (``tiny``: 2 small layers) and its word tokenizer."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     words = [*SPECIALS, *prompt_words()]
     vocab = {w: i for i, w in enumerate(words)}
     vocab.update({f"w{i}": i for i in range(len(words), VOCAB)})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    # "Problem: 3+4" -> Problem : 3 + 4 (letters kept in words, so most template words are <unk>; digits one by one)
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)]
-    )
+    # "Problem: 3+4" -> Problem : 3 + 4 (template words and numbers of several digits are <unk>). No digit split:
+    # it would cut every "w123" into 4 tokens and make the contexts 4-6x longer than the completions they hold.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
     )
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    config = LlamaConfig(
         vocab_size=VOCAB,
         num_key_value_heads=2,
+        head_dim=(TINY if tiny else QWEN05B)["hidden_size"] // (TINY if tiny else QWEN05B)["num_attention_heads"],
+        attention_bias=True,
+        rms_norm_eps=1e-6,
         max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         tie_word_embeddings=True,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
         **(TINY if tiny else QWEN05B),
     )
-    model = Qwen2ForCausalLM(config)
+    model = LlamaForCausalLM(config)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -35,10 +35,19 @@ def fit_on_gpu(module, **trainer_kwargs) -> L.Trainer:
     return trainer
 
 
+class PolicyDevice(L.Callback):
+    """The policy's device during training (Lightning moves the module back to the CPU when ``fit`` ends)."""
+
+    device: torch.device | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        self.device = next(pl_module.policy.parameters()).device
+
+
 def test_bf16_mixed_on_cuda(make_module, tiny_model_dir):
-    module = make_module(tiny_model_dir)
-    trainer = fit_on_gpu(module, precision="bf16-mixed")
-    assert torch.isfinite(trainer.logged_metrics["loss"]) and next(module.policy.parameters()).is_cuda
+    module, seen = make_module(tiny_model_dir), PolicyDevice()
+    trainer = fit_on_gpu(module, precision="bf16-mixed", callbacks=[seen])
+    assert torch.isfinite(trainer.logged_metrics["loss"]) and seen.device is not None and seen.device.type == "cuda"
     assert trainer.logged_metrics["memory/cuda_peak_gib"] > 0  # the step's high-water mark, logged on CUDA only
 
 
