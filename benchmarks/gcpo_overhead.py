@@ -110,7 +110,8 @@ def run(config: str, steps: int, prompts: int, extra: list[str], threads: int | 
         ]
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         if proc.returncode:
-            sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            frames = "\n".join(line for line in proc.stderr.splitlines() if "gcpo_lightning/" in line)
+            sys.exit(f"{' '.join(cmd)} failed; the kit's frames:\n{frames}\n...\n{proc.stderr[-3000:]}")
         with open(Path(tmp) / "run" / "version_0" / "metrics.csv") as f:
             rows = [r for r in csv.DictReader(f) if r.get("timing/update")]
     rows = rows[1:] or rows
