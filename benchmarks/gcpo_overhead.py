@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: torch's)")
     parser.add_argument("--no-grpo", action="store_true", help="skip the GRPO baseline")
+    parser.add_argument("--gcpo-config", default="configs/gcpo.yaml", help="the GCPO config the variants override")
     parser.add_argument(
         "--deviation",
         action="store_true",
@@ -167,14 +168,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{f'[{rnd}] GRPO G={G}':36s} {grpo['step']:7.2f} {1.0:7.2f}  {fmt(grpo)}", flush=True)
             for name in variants:
                 gcpo = run(
-                    "configs/gcpo.yaml",
+                    args.gcpo_config,
                     args.steps,
                     args.prompts,
                     [*gcpo_setting(G, M, K), *VARIANTS[name]],
                     args.threads,
                 )
                 print(
-                    f"{f'[{rnd}] GCPO G={G} M={M} K={K} {name}':36s} {gcpo['step']:7.2f} "
+                    f"{f'[{rnd}] {Path(args.gcpo_config).stem} G={G} M={M} K={K} {name}':36s} {gcpo['step']:7.2f} "
                     f"{gcpo['step'] / base:7.2f}  {fmt(gcpo)}",
                     flush=True,
                 )

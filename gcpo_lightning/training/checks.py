@@ -46,6 +46,14 @@ def settings_errors(m: Any) -> list[str]:
     for fn in m.reward_funcs:
         if not callable(fn):
             errors.append(f"reward function {fn!r} is not callable")
+    if getattr(m.graph_builder, "num_context_samples", None) == 0 and getattr(
+        m.adjuster, "needs_context_samples", False
+    ):
+        errors.append(
+            f"graph_builder num_context_samples: 0 leaves no context samples, but the adjuster "
+            f"{type(m.adjuster).__name__} reads their mean representation Zbar (use K >= 1, or an adjuster that "
+            "reads none, such as GroupNormalizedAdvantage)"
+        )
     return errors + set_layout_errors(m)
 
 

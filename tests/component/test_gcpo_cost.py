@@ -160,25 +160,32 @@ def test_collider_share_prefix_builds_the_same_graph(make_module, tiny_model_dir
     assert plain.context_logps is None and shared.context_logps is not None
 
 
-def test_candidates_scored_during_context_generation_equal_the_packed_pass(make_module, tiny_model_dir):
-    from gcpo_lightning import CausalProjectedKL
-    from gcpo_lightning.components.penalties.causal_kl import context_probs, context_probs_shared
-
-    G, M, K = 3, 2, 2
+def _collider_graph(make_module, model_dir, G: int, M: int, K: int, **module_args):
+    """``(graph, rollout, models)``: a 2-question rollout (seed 0, 8 tokens, T = 0.7, 5 rows per generation call)
+    and its collider graph with ``M`` integrated outputs and ``K`` samples per context."""
     rows = [{"prompt": f"Problem: {q}\nSolution:", "question": q, "answer": "0"} for q in ["1+2", "3+4+5"]]
     module = make_module(
-        tiny_model_dir,
+        model_dir,
         num_generations=G,
         graph_builder=ColliderGraphBuilder(num_integrated=M, num_context_samples=K),
-        # 5 rows a call: whole candidates (M*K = 4 rows) per chunk, so the scored continuations span chunks
         sampler=GroupSampler(max_completion_length=8, generation_batch_size=5, temperature=0.7),
+        **module_args,
     )
     module.configure_model()
     models = module.models()
     torch.manual_seed(0)
     rollout = module.sampler.sample(models, module.prompts_for(rows), G)
     rollout.rows = rows
-    graph = module.graph_builder.build(rollout, models, module.sampler)
+    return module.graph_builder.build(rollout, models, module.sampler), rollout, models
+
+
+def test_candidates_scored_during_context_generation_equal_the_packed_pass(make_module, tiny_model_dir):
+    from gcpo_lightning import CausalProjectedKL
+    from gcpo_lightning.components.penalties.causal_kl import context_probs, context_probs_shared
+
+    G, M, K = 3, 2, 2
+    # 5 rows a call: whole candidates (M*K = 4 rows) per chunk, so the scored continuations span chunks
+    graph, rollout, models = _collider_graph(make_module, tiny_model_dir, G, M, K)
     assert graph.context_logps is not None and graph.context_logps.shape == (G * 2, M, rollout.completion_ids.shape[1])
     mask = rollout.completion_mask.bool().unsqueeze(1).expand(-1, M, -1)  # [N, M, T]
     for reference in (context_probs_shared, context_probs):
@@ -254,3 +261,28 @@ def test_frozen_context_attends_to_the_cache_kept_from_context_generation(make_m
     index = torch.tensor([4, 1])  # a micro-batch: the cache rows follow the selection
     picked = kl.policy_logps_on_context(scores, rollout.select(index), prepared.select(index), models)
     torch.testing.assert_close(picked[mask[index]], cached[index][mask[index]], atol=1e-5, rtol=1e-5)
+
+
+def test_no_context_samples_gives_the_causal_kl_the_same_contexts_and_inputs(make_module, tiny_model_dir):
+    # K = 0 (the "without causal weighting" ablation reads no Zbar): the contexts are only encoded, and the causal
+    # KL gets the same x_{i,l} token ids and the same p'_ref as from the contexts the samples were generated after
+    from gcpo_lightning import CausalProjectedKL, GroupNormalizedAdvantage
+
+    G, M = 3, 2
+    graphs = {
+        K: _collider_graph(make_module, tiny_model_dir, G, M, K, adjuster=GroupNormalizedAdvantage()) for K in (1, 0)
+    }
+    (with_samples, rollout, models), (without, _, _) = graphs[1], graphs[0]
+    assert without.integrated == with_samples.integrated  # the integration is sampled first, with the same seed
+    assert without.context_representations is None and without.context_samples == []
+    assert not ColliderGraphBuilder(num_context_samples=0).needs_representations
+    for n in range(rollout.completion_ids.shape[0]):
+        for m in range(M):
+            ours, theirs = (g.context_ids[n, m][g.context_mask[n, m].bool()] for g in (without, with_samples))
+            assert torch.equal(ours, theirs)
+    kl = CausalProjectedKL(beta=0.0, kappa=0.06)
+    a, b = kl.prepare(rollout, with_samples, models), kl.prepare(rollout, without, models)
+    real = rollout.completion_mask.bool()  # [N, T] (padding is masked out of every loss)
+    torch.testing.assert_close(b.causal_ref_logps[real], a.causal_ref_logps[real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(a.causal_clamped[real], b.causal_clamped[real])
+    assert torch.equal(a.context_ids, b.context_ids)  # x_i of the gradient pass

@@ -9,7 +9,7 @@ import pytest
 import torch
 from custom_components import raising_reward, short_reward
 
-from gcpo_lightning import ReferenceKL
+from gcpo_lightning import CausalAdvantage, ColliderGraphBuilder, ReferenceKL
 from gcpo_lightning.policy.loading import load_causal_lm
 from gcpo_lightning.rewards.base import RewardError
 
@@ -111,6 +111,10 @@ def test_too_many_consecutive_skips_stop_training(make_module, fit, tiny_model_d
         (dict(reward_weights=[1.0, 2.0]), "reward_weights has 2 entries for 1 functions"),
         (dict(loss="ppo"), "loss must be a LossAggregation"),
         (dict(epsilon=0.0), "epsilon"),
+        (
+            dict(graph_builder=ColliderGraphBuilder(num_context_samples=0), adjuster=CausalAdvantage()),
+            "num_context_samples: 0 leaves no context samples, but the adjuster CausalAdvantage reads",
+        ),
     ],
 )
 def test_bad_settings_fail_in_init(make_module, tiny_model_dir, kwargs, message):
@@ -153,7 +157,6 @@ def test_reward_metric_names_stay_distinct():
 
 
 def test_rollout_is_rescored_only_when_needed(make_module, tiny_model_dir):
-    from gcpo_lightning import CausalAdvantage
     from gcpo_lightning.training.checks import needs_rollout_scores
 
     grpo = make_module(tiny_model_dir)  # one on-policy step, GRPO components: old log-probs = detached new ones

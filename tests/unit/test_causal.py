@@ -79,7 +79,10 @@ def test_bad_builder_settings():
     with pytest.raises(ValueError, match="num_integrated"):
         ColliderGraphBuilder(num_integrated=0)
     with pytest.raises(ValueError, match="num_context_samples"):
-        ColliderGraphBuilder(num_context_samples=0)
+        ColliderGraphBuilder(num_context_samples=-1)
+    for no_samples_but in ({"context_layout": "set"}, {"keep_context_cache": True}):
+        with pytest.raises(ValueError, match="num_context_samples: 0"):
+            ColliderGraphBuilder(num_context_samples=0, **no_samples_but)
     with pytest.raises(ValueError, match=r"context_template is missing placeholder\(s\) \['\{others\}'\]"):
         ColliderGraphBuilder(context_template="{question} {integrated}")
     with pytest.raises(ValueError, match="integration_template"):

@@ -27,6 +27,8 @@ class CausalAdvantage(RewardAdjuster):
         eps: added to the standard deviation of ``A``.
     """
 
+    needs_context_samples = True  # reads Zbar_{i,l}, the mean representation of the context samples
+
     def __init__(
         self,
         alpha: float = 2.0,

@@ -23,6 +23,7 @@ from gcpo_lightning.components.graphs.prompts import (
     render_candidates,
 )
 from gcpo_lightning.components.graphs.set_prompts import build_set_contexts, split_context_template
+from gcpo_lightning.components.sampling.group_sampler import encode_prompts
 from gcpo_lightning.components.scoring.logprobs import score_in_batches
 from gcpo_lightning.functional.clock import wall_time
 from gcpo_lightning.interfaces.containers import CausalGraph, PolicyModels, Rollout, SetContexts, require
@@ -50,7 +51,11 @@ class ColliderGraphBuilder(CausalGraphBuilder):
 
     Args:
         num_integrated: ``M``, integrated outputs per group (the paper uses ``M = G``).
-        num_context_samples: ``K``, samples per context ``x_{i,l}`` (the paper uses ``K = G``).
+        num_context_samples: ``K``, samples per context ``x_{i,l}`` (the paper uses ``K = G``). ``0``: no samples
+            and no ``Zbar`` (``context_representations`` is ``None``), the contexts only encoded for the causal KL,
+            which then scores ``p_x``, ``p_phi`` in its own pass (the same values; tested): for adjusters that read
+            no ``Zbar``, such as the "without causal weighting" ablation (``GroupNormalizedAdvantage``).
+            Needs ``context_layout: text`` and ``keep_context_cache: false``.
         integration_template: the integration prompt; placeholders ``{question}`` and ``{candidates}``.
         context_template: the context ``x_{i,l}``; placeholders ``{question}``, ``{others}``, ``{integrated}``.
         candidate_template: one numbered candidate line; placeholders ``{index}`` (1-based) and ``{text}``.
@@ -96,8 +101,13 @@ class ColliderGraphBuilder(CausalGraphBuilder):
     ) -> None:
         if num_integrated < 1:
             raise ValueError(f"ColliderGraphBuilder: num_integrated (M) must be >= 1, got {num_integrated}")
-        if num_context_samples < 1:
-            raise ValueError(f"ColliderGraphBuilder: num_context_samples (K) must be >= 1, got {num_context_samples}")
+        if num_context_samples < 0:
+            raise ValueError(f"ColliderGraphBuilder: num_context_samples (K) must be >= 0, got {num_context_samples}")
+        if num_context_samples == 0 and (context_layout != "text" or keep_context_cache):
+            raise ValueError(
+                "ColliderGraphBuilder: num_context_samples: 0 (no context samples) needs context_layout: text and "
+                "keep_context_cache: false (both act while the context samples are generated)"
+            )
         if keep_context_cache and not score_candidates:
             raise ValueError("ColliderGraphBuilder: keep_context_cache needs score_candidates: true")
         if max_candidate_tokens is not None and max_candidate_tokens < 1:
@@ -130,6 +140,11 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         self.score_candidates = score_candidates
         self.keep_context_cache = keep_context_cache
         self.context_layout = context_layout
+
+    @property
+    def needs_representations(self) -> bool:
+        """Whether the rollout's hidden states are read: ``rep(y_i)`` meets ``Zbar``, so not when ``K = 0``."""
+        return self.num_context_samples > 0
 
     # ----- prompts -----------------------------------------------------------------------------------------------
 
@@ -186,6 +201,8 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         contexts = self.context_prompts(questions, cands, integrated, G)  # [B][G][M]
         per_candidate = [[models.render(x) for x in per_i] for per_b in contexts for per_i in per_b]  # [N][M]
         flat = [x for per_i in per_candidate for x in per_i]  # N*M, order (b, i, l)
+        if K == 0:
+            return self.encoded_contexts(rollout, models, contexts, flat, integrated, metrics)
         start = wall_time()
         continuations = self.continuations(rollout, M) if self.score_candidates else None  # N*M, y_i after x_{i,l}
         keep = list(range(0, len(flat), M)) if self.keep_context_cache else None  # x_{i,0}, order (b, i)
@@ -235,6 +252,31 @@ class ColliderGraphBuilder(CausalGraphBuilder):
             context_logps=self.context_logps(samples, N, M, rollout.completion_ids.shape[1]),  # [N, M, T] or None
             context_cache=samples.prompt_cache,  # [N] x_{i,0}'s KV cache, or None
             set_contexts=set_contexts,  # the contexts as sets (context_layout: set), or None
+            metrics=metrics,
+        )
+
+    def encoded_contexts(
+        self,
+        rollout: Rollout,
+        models: PolicyModels,
+        contexts: list,
+        flat: list[str],
+        integrated: list[list[str]],
+        metrics: dict[str, float],
+    ) -> CausalGraph:
+        """The graph with ``K = 0``: the ``N*M`` rendered contexts (order ``(b, i, l)``) tokenized as the sampler
+        would, no samples, no ``Zbar``."""
+        N, M = rollout.completion_ids.shape[0], self.num_integrated
+        context_ids, context_mask = encode_prompts(models.tokenizer, flat, 1, rollout.completion_ids.device)
+        metrics["graph/context_tokens"] = float(context_ids.shape[1])
+        return CausalGraph(
+            group_size=rollout.group_size,
+            representations=rollout.hidden,
+            integrated=integrated,
+            context_prompts=contexts,
+            context_ids=context_ids.view(N, M, -1),  # [N, M, Px] left-padded x_{i,l}
+            context_mask=context_mask.view(N, M, -1),  # [N, M, Px]
+            context_samples=[],
             metrics=metrics,
         )
 
