@@ -114,7 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=256, help="completion tokens (and context-sample tokens)")
     parser.add_argument("--settings", nargs="+", default=["8,2,1"], help="G,M,K")
     parser.add_argument("--compare", default="default", help=f"variants of {sorted(gcpo_overhead.VARIANTS)}")
-    parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run (e.g. an overlay)")
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="one more override for every run, repeatable: --extra=--model.micro_batch_size=8",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (a dry run of the script)")
     parser.add_argument("--tiny", action="store_true", help="2 small layers instead of Qwen2.5-0.5B's 24")
     args = parser.parse_args(argv)
