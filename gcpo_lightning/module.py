@@ -74,6 +74,10 @@ class GCPOModule(RebuildsComponents, L.LightningModule):
             ``None`` makes one step per pass over the whole rollout.
         micro_batch_size: completions per forward/backward pass; gradients of the micro-batches are accumulated
             into one optimiser step (same result, less memory). ``None``: the whole mini-batch at once.
+        micro_batch_tokens: the most tokens one forward/backward pass may hold, counted as rows x the padded length
+            of the longest sequence the pass reads: prompt + completion, and for the paper's causal KL the context
+            ``x_i`` + completion (about ``G`` completions long). Micro-batches shrink to fit (at least one row, at
+            most ``micro_batch_size``); the gradient is the same. ``None``: ``micro_batch_size`` alone.
         epsilon: lower clip range of the importance ratio.
         epsilon_high: upper clip range (``None``: equal to ``epsilon``; DAPO uses 0.28).
         optimizer: builds the optimizer from the policy's trainable parameters.
@@ -104,6 +108,7 @@ class GCPOModule(RebuildsComponents, L.LightningModule):
         num_iterations: int = 1,
         mini_batch_size: int | None = None,
         micro_batch_size: int | None = None,
+        micro_batch_tokens: int | None = None,
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
         optimizer: OptimizerCallable = default_optimizer,
@@ -127,6 +132,7 @@ class GCPOModule(RebuildsComponents, L.LightningModule):
         self.sampler, self.graph_builder, self.adjuster, self.kl, self.loss = sampler, graph_builder, adjuster, kl, loss
         self.num_generations, self.num_iterations = num_generations, num_iterations
         self.mini_batch_size, self.micro_batch_size = mini_batch_size, micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.epsilon = epsilon
         self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler

@@ -33,6 +33,8 @@ def settings_errors(m: Any) -> list[str]:
         )
     if m.micro_batch_size is not None and m.micro_batch_size < 1:
         errors.append(f"micro_batch_size must be >= 1, got {m.micro_batch_size}")
+    if m.micro_batch_tokens is not None and m.micro_batch_tokens < 1:
+        errors.append(f"micro_batch_tokens must be >= 1 or null, got {m.micro_batch_tokens}")
     if not (0 < m.epsilon < 1) or m.epsilon_high <= 0:
         errors.append(f"epsilon must be in (0, 1) and epsilon_high > 0, got {m.epsilon}, {m.epsilon_high}")
     if not callable(m.loss) or not hasattr(m.loss, "micro_batches"):

@@ -35,6 +35,15 @@ def gather_across_ranks(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def max_across_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` of all ranks (``value`` itself on one process)."""
+    if world_size() == 1:
+        return value
+    x = torch.tensor([value], device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
+
+
 def check_strategy(strategy: Any) -> None:
     """Refuse strategies the module cannot run correctly, before any model is loaded.
 

@@ -19,7 +19,7 @@ from gcpo_lightning.functional.batching import mini_batches
 from gcpo_lightning.functional.losses import clip_fractions, masked_mean, policy_loss
 from gcpo_lightning.interfaces.containers import Advantages, PenaltyInputs, PolicyModels, Rollout
 from gcpo_lightning.policy.sharding import full_tensor
-from gcpo_lightning.training.distributed import rank_share
+from gcpo_lightning.training.distributed import max_across_ranks, rank_share
 
 
 def micro_batch_loss(
@@ -63,13 +63,30 @@ def weight_stats(weights: Tensor | None, mask: Tensor) -> dict[str, float]:
     return {"sampling/applied_importance_weight_mean": masked_mean(weights.expand_as(mask), mask)}
 
 
+def micro_batch_rows(m: Any, mb: Rollout, prepared: PenaltyInputs) -> int | None:
+    """Rows per forward/backward pass: ``m.micro_batch_size``, cut so that rows x the padded length of the longest
+    sequence read (prompt + completion; context ``x_i`` + completion for the causal KL's pass) stay within
+    ``m.micro_batch_tokens``. The longest length is taken over all ranks, so every rank runs as many passes (FSDP)."""
+    if m.micro_batch_tokens is None:
+        return m.micro_batch_size
+    T = mb.completion_ids.shape[1]
+    length = mb.prompt_ids.shape[1] + T  # [n, P] and [n, T] are padded to the rollout's longest
+    if prepared.context_ids is not None:
+        length = max(length, prepared.context_ids.shape[1] + T)  # [n, Px] x_i
+    length = max_across_ranks(length, mb.completion_ids.device)
+    rows = max(1, m.micro_batch_tokens // length)
+    return rows if m.micro_batch_size is None else min(rows, m.micro_batch_size)
+
+
 def optimisation_step(m: Any, mb: Rollout, adv: Tensor, prepared: PenaltyInputs, models: PolicyModels) -> dict:
     """One optimiser step of module ``m`` on a mini-batch; a non-finite loss or gradient skips the step."""
     opt = cast(LightningOptimizer, m.optimizers())
     opt.zero_grad(set_to_none=True)
     stats: dict[str, float] = {}
     share = rank_share(mb.completion_mask.sum()) if m.loss.token_weighted else 1.0  # this rank's token share
-    for index, weight in m.loss.micro_batches(mb.completion_mask, m.micro_batch_size):
+    rows = micro_batch_rows(m, mb, prepared)
+    stats["update/micro_batch_rows"] = float(rows or len(mb.completions))
+    for index, weight in m.loss.micro_batches(mb.completion_mask, rows):
         loss, micro_stats = m.compute_loss(mb.select(index), adv[index], prepared.select(index), models)
         if not torch.isfinite(loss):
             return m.skips.skip(opt, "loss", m.global_step)

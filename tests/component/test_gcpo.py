@@ -112,9 +112,13 @@ def test_shared_prefix_context_probs_equal_plain(make_module, tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("split", ["rows", "tokens"])
 @pytest.mark.parametrize("loss", [SequenceMean(), TokenMean(), ConstantNormalizer()], ids=lambda a: a.name)
-def test_micro_batches_accumulate_to_the_full_gradient(make_module, tiny_model_dir, loss):
-    """Splitting a step into micro-batches gives the full batch's gradient (GCPO components, causal KL on x_i)."""
+def test_micro_batches_accumulate_to_the_full_gradient(make_module, tiny_model_dir, loss, split):
+    """Splitting a step into micro-batches gives the full batch's gradient (GCPO components, causal KL on x_i),
+    whether micro_batch_size sets the rows or micro_batch_tokens bounds rows x the longest sequence (x_i's)."""
+    from gcpo_lightning.training.update import micro_batch_rows
+
     kwargs = dict(
         graph_builder=ColliderGraphBuilder(num_integrated=2),
         adjuster=CausalAdvantage(),
@@ -128,15 +132,21 @@ def test_micro_batches_accumulate_to_the_full_gradient(make_module, tiny_model_d
     rewards, _ = full.score_rewards(rollout)
     adv = full.adjuster.adjust(rewards, rollout, graph).values
     prepared = full.kl.prepare(rollout, graph, models)
+    if split == "tokens":  # room for 2 rows of x_i + completion, the longest sequence of the pass: 2 rows
+        micro.micro_batch_size = None
+        micro.micro_batch_tokens = 2 * (prepared.context_ids.shape[1] + rollout.completion_ids.shape[1]) + 1
+    assert micro_batch_rows(full, rollout, prepared) is None and micro_batch_rows(micro, rollout, prepared) == 2
     grads = []
     for module in (full, micro):
         module.configure_model()
         module.policy.load_state_dict(full.policy.state_dict())
         module.policy.zero_grad()
-        for index, weight in module.loss.micro_batches(rollout.completion_mask, module.micro_batch_size):
+        for index, weight in module.loss.micro_batches(
+            rollout.completion_mask, micro_batch_rows(module, rollout, prepared)
+        ):
             value, _ = module.compute_loss(rollout.select(index), adv[index], prepared.select(index), module.models())
             (value * weight).backward()
         grads.append({n: p.grad.clone() for n, p in module.policy.named_parameters()})
-    assert len(micro_batches(rollout.completion_mask, micro.micro_batch_size, False)) == 3
+    assert len(micro_batches(rollout.completion_mask, micro_batch_rows(micro, rollout, prepared), False)) == 3
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4, msg=name)

@@ -107,12 +107,16 @@ def test_export_from_sharded_policy_loads_with_from_pretrained(runs):
 
 @pytest.mark.slow
 def test_fsdp2_with_a_4bit_reference_and_bf16_all_gathers(run_fit, fit_metrics, tiny_model_dir, tmp_path):
+    # also micro_batch_tokens: the ranks' contexts differ in length, and both must run as many passes (FSDP2)
     out = run_fit(
-        tiny_model_dir, tmp_path / "q4", "--max-steps", "2", "--reference-4bit", "--fsdp-param-dtype", "bfloat16"
+        tiny_model_dir,
+        tmp_path / "q4",
+        *("--max-steps", "2", "--reference-4bit", "--fsdp-param-dtype", "bfloat16", "--micro-batch-tokens", "200"),
     )
     summary = fit_metrics(out)
     assert summary["sharded"] and summary["reference_4bit"]
     assert all(r["kl"] >= 0 for r in summary["rows"]) and summary["rows"][-1]["kl"] > 0
+    assert all(1 <= r["update/micro_batch_rows"] < 4 for r in summary["rows"])  # the budget, not micro_batch_size
 
 
 @pytest.mark.slow

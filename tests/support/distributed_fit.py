@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--qlora", action="store_true", help="with --lora: the policy's base in 4-bit")
     parser.add_argument("--fsdp-param-dtype", default=None, help="e.g. bfloat16: FSDP2 mixed precision")
     parser.add_argument("--vllm", action="store_true", help="VLLMSampler, one engine per rank (needs .venv-vllm)")
+    parser.add_argument("--micro-batch-tokens", type=int, default=None, help="GCPOModule.micro_batch_tokens")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +166,7 @@ def main() -> None:
         num_generations=4,
         eval_num_samples=2,
         micro_batch_size=4,
+        micro_batch_tokens=args.micro_batch_tokens,
         log_completions_every_n_steps=0,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0),
     )
