@@ -126,7 +126,7 @@ def first_with_answer(cands: list[str], answer: str | None) -> str | None:
     """The first candidate whose answer equals ``answer`` (as integers), or ``None``."""
     if answer is None:
         return None
-    return next((c for c in cands if extract_answer(c) is not None and int(extract_answer(c)) == int(answer)), None)
+    return next((c for c in cands if (got := extract_answer(c)) is not None and int(got) == int(answer)), None)
 
 
 def majority_candidate(cands: list[str]) -> str:
@@ -298,7 +298,7 @@ def generate(
             ended = tok.eos_token_id in row
             if ended:
                 row = row[: row.index(tok.eos_token_id)]
-            out.append((tok.decode(row, skip_special_tokens=True), ended))
+            out.append((str(tok.decode(row, skip_special_tokens=True)), ended))
     return out
 
 
@@ -309,7 +309,7 @@ def score(outputs: list[tuple[str, bool]], answers: list[str]) -> tuple[float, f
     return correct / len(outputs), formed / len(outputs)
 
 
-def quick_eval(model, tok, heldout: list[tuple[str, str]], samples: int) -> dict[str, float]:
+def quick_eval(model, tok, heldout: list[tuple[str, str]], samples: int) -> dict[str, float | None]:
     """Greedy and T=1 sampled accuracy (and well-formed rates) on the held-out pairs."""
     prompts = [PROMPT_TEMPLATE.format(question=q) for q, _ in heldout]
     answers = [a for _, a in heldout]
@@ -323,7 +323,7 @@ def group_eval(model, tok, heldout: list[tuple[str, str]], group: int) -> dict[s
     """Single sample vs majority vote vs the model's greedy integrated answer, over G self-sampled candidates."""
     prompts = [PROMPT_TEMPLATE.format(question=q) for q, _ in heldout]
     cands = generate(model, tok, prompts, sample=True, num_return=group)
-    single = majority = integrated = formed = 0
+    single = majority = 0.0
     int_prompts = []
     for n, (q, a) in enumerate(heldout):
         texts = [t for t, _ in cands[n * group : (n + 1) * group]]
