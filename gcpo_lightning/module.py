@@ -21,7 +21,7 @@ from gcpo_lightning.components.graphs.independent import IndependentResponses
 from gcpo_lightning.components.penalties.reference_kl import ReferenceKL
 from gcpo_lightning.components.sampling.group_sampler import GroupSampler
 from gcpo_lightning.evaluation.evaluator import HeldOutEvaluation, ProblemResults
-from gcpo_lightning.functional.clock import wall_time
+from gcpo_lightning.functional.clock import timed, wall_time
 from gcpo_lightning.interfaces.containers import PenaltyInputs, PolicyModels, Rollout
 from gcpo_lightning.interfaces.protocols import (
     CausalGraphBuilder,
@@ -39,7 +39,7 @@ from gcpo_lightning.training.checks import check_data, check_fits, needs_rollout
 from gcpo_lightning.training.completions import CompletionsTable
 from gcpo_lightning.training.distributed import check_strategy, gather_across_ranks
 from gcpo_lightning.training.hparams import RebuildsComponents
-from gcpo_lightning.training.metrics import StepLogger, timed
+from gcpo_lightning.training.metrics import StepLogger
 from gcpo_lightning.training.state import RandomStateCheckpoint, SkipCounter
 from gcpo_lightning.training.update import micro_batch_loss, update_policy
 

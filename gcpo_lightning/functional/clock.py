@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -17,3 +19,11 @@ def wall_time() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+@contextmanager
+def timed(metrics: dict[str, float], name: str) -> Iterator[None]:
+    """Add the :func:`wall_time` of the block to ``metrics[f"timing/{name}"]``."""
+    start = wall_time()
+    yield
+    metrics[f"timing/{name}"] = metrics.get(f"timing/{name}", 0.0) + wall_time() - start

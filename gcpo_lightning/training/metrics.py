@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from gcpo_lightning.functional.advantages import frac_zero_std
-from gcpo_lightning.functional.clock import wall_time
 from gcpo_lightning.interfaces.containers import Rollout
 from gcpo_lightning.rewards.base import reward_name
 
@@ -57,14 +54,6 @@ def reward_fn_metrics(funcs: list[Any], reward_names: list[str]) -> dict[str, fl
 
 WALL_CLOCK_PREFIXES = ("timing/", "tokens_per_s/")
 """Metrics measured in wall-clock time: they differ between otherwise identical runs (e.g. a resumed one)."""
-
-
-@contextmanager
-def timed(metrics: dict[str, float], name: str) -> Iterator[None]:
-    """Add the wall time of the block to ``metrics[f"timing/{name}"]``."""
-    start = wall_time()
-    yield
-    metrics[f"timing/{name}"] = metrics.get(f"timing/{name}", 0.0) + wall_time() - start
 
 
 class StepLogger(nn.Module):

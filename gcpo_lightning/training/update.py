@@ -85,7 +85,8 @@ def optimisation_step(m: Any, mb: Rollout, adv: Tensor, prepared: PenaltyInputs,
     stats: dict[str, float] = {}
     share = rank_share(mb.completion_mask.sum()) if m.loss.token_weighted else 1.0  # this rank's token share
     rows = micro_batch_rows(m, mb, prepared)
-    stats["update/micro_batch_rows"] = float(rows or len(mb.completions))
+    n = len(mb.completions)
+    stats["update/micro_batch_rows"] = float(min(rows or n, n))  # the rows a pass reads, at most the mini-batch
     for index, weight in m.loss.micro_batches(mb.completion_mask, rows):
         loss, micro_stats = m.compute_loss(mb.select(index), adv[index], prepared.select(index), models)
         if not torch.isfinite(loss):

@@ -69,6 +69,17 @@ def test_fit_learns_and_logs(make_module, fit, logged_rows, tiny_model_dir, tmp_
     assert len({r["completion"] for r in table}) > 1, "completions of a sampled random model differ"
 
 
+@pytest.mark.parametrize("micro_batch_size, expected", [(None, 4.0), (3, 3.0), (64, 4.0)])
+def test_logged_micro_batch_rows_are_the_rows_a_pass_reads(
+    make_module, fit, logged_rows, tiny_model_dir, tmp_path, micro_batch_size, expected
+):
+    """``update/micro_batch_rows``: mini-batches of 4 completions (2 prompts x G = 4 in mini-batches of 4), so a pass
+    reads 4 rows without micro-batches or with micro-batches larger than that, and 3 with micro-batches of 3."""
+    module = make_module(tiny_model_dir, mini_batch_size=4, micro_batch_size=micro_batch_size)
+    rows = logged_rows(fit(module, tmp_path, steps=1))
+    assert {float(r["update/micro_batch_rows"]) for r in rows if r.get("update/micro_batch_rows")} == {expected}
+
+
 def test_no_reference_is_built_when_beta_is_zero(make_module, fit, tiny_model_dir, tmp_path):
     module = make_module(tiny_model_dir, kl=ReferenceKL(beta=0.0))
     fit(module, tmp_path, steps=1)

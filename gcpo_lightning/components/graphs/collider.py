@@ -25,7 +25,7 @@ from gcpo_lightning.components.graphs.prompts import (
 from gcpo_lightning.components.graphs.set_prompts import build_set_contexts, split_context_template
 from gcpo_lightning.components.sampling.group_sampler import encode_prompts
 from gcpo_lightning.components.scoring.logprobs import score_in_batches
-from gcpo_lightning.functional.clock import wall_time
+from gcpo_lightning.functional.clock import timed
 from gcpo_lightning.interfaces.containers import CausalGraph, PolicyModels, Rollout, SetContexts, require
 from gcpo_lightning.interfaces.protocols import CausalGraphBuilder, Sampler
 
@@ -192,92 +192,95 @@ class ColliderGraphBuilder(CausalGraphBuilder):
         metrics: dict[str, float] = {}
         questions = [row.get("question", row["prompt"]) for row in rollout.rows]
         cands = self.candidate_texts(rollout, models.tokenizer)
-        start = wall_time()
-        integ_prompts = [models.render(p) for p in self.integration_prompts(questions, cands, G)]
-        integ = self.sample(sampler, models, [[p] for p in integ_prompts], M, score=False)  # B*M integrated outputs
-        integrated = [integ.completions[b * M : (b + 1) * M] for b in range(len(questions))]  # [B][M]
-        metrics["timing/integration"] = wall_time() - start
+        with timed(metrics, "integration"):
+            integ_prompts = [models.render(p) for p in self.integration_prompts(questions, cands, G)]
+            integ = self.sample(sampler, models, [[p] for p in integ_prompts], M, score=False)  # B*M outputs
+            integrated = [integ.completions[b * M : (b + 1) * M] for b in range(len(questions))]  # [B][M]
         metrics.update(throughput("integration", integ, metrics["timing/integration"]))
         contexts = self.context_prompts(questions, cands, integrated, G)  # [B][G][M]
         per_candidate = [[models.render(x) for x in per_i] for per_b in contexts for per_i in per_b]  # [N][M]
-        flat = [x for per_i in per_candidate for x in per_i]  # N*M, order (b, i, l)
         if K == 0:
-            return self.encoded_contexts(rollout, models, contexts, flat, integrated, metrics)
-        start = wall_time()
-        continuations = self.continuations(rollout, M) if self.score_candidates else None  # N*M, y_i after x_{i,l}
-        keep = list(range(0, len(flat), M)) if self.keep_context_cache else None  # x_{i,0}, order (b, i)
-        set_contexts = None
-        if self.context_layout == "set":
-            set_contexts = build_set_contexts(
-                models,
-                questions,
-                cands,
-                integrated,
-                G,
-                self.context_template,
-                self.candidate_template,
-                rollout.completion_ids.device,
-            )
-            samples = self.sample_set(sampler, models, set_contexts, K, continuations, keep)
-        else:
-            samples = self.sample(
-                sampler,
-                models,
-                per_candidate,
-                K,
-                score=self.represent_in_context,
-                continuations=continuations,
-                keep=keep,
-            )  # N*M*K rows, order (b, i, l, k)
-        metrics["timing/context_generation"] = wall_time() - start
+            flat = [x for per_i in per_candidate for x in per_i]  # N*M, order (b, i, l)
+            ids, mask = encode_prompts(models.tokenizer, flat, 1, rollout.completion_ids.device)  # [N*M, Px] twice
+            return self.graph(rollout, integrated, contexts, ids, mask, metrics, context_samples=[])
+        with timed(metrics, "context_generation"):
+            set_contexts = None
+            if self.context_layout == "set":
+                set_contexts = build_set_contexts(
+                    models,
+                    questions,
+                    cands,
+                    integrated,
+                    G,
+                    self.context_template,
+                    self.candidate_template,
+                    rollout.completion_ids.device,
+                )
+            samples = self.sample_contexts(sampler, models, rollout, per_candidate, set_contexts)  # N*M*K rows
         metrics.update(throughput("context_generation", samples, metrics["timing/context_generation"]))
-        start = wall_time()
-        reps = self.represent(samples, rollout, models, M * K)  # [N*M*K, D]
-        metrics["timing/context_representation"] = wall_time() - start
+        with timed(metrics, "context_representation"):
+            reps = self.represent(samples, rollout, models, M * K)  # [N*M*K, D]
         metrics.update(throughput("context_representation", samples, metrics["timing/context_representation"]))
         N, D = rollout.completion_ids.shape[0], reps.shape[-1]
-        device = rollout.completion_ids.device
         # the contexts as the sampler encoded them (each row repeated K times): no second tokenization
-        context_ids, context_mask = samples.prompt_ids[::K].to(device), samples.prompt_mask[::K].to(device)  # [N*M, Px]
-        metrics["graph/context_tokens"] = float(context_ids.shape[1])
-        return CausalGraph(
-            group_size=G,
-            representations=rollout.hidden,
-            integrated=integrated,
-            context_prompts=contexts,
+        ids, mask = samples.prompt_ids[::K], samples.prompt_mask[::K]  # [N*M, Px] twice
+        return self.graph(
+            rollout,
+            integrated,
+            contexts,
+            ids,
+            mask,
+            metrics,
             context_representations=reps.view(N, M, K, D).mean(2),  # [N, M, D] Zbar_{i,l}
-            context_ids=context_ids.view(N, M, -1),  # [N, M, Px] left-padded x_{i,l}
-            context_mask=context_mask.view(N, M, -1),  # [N, M, Px]
             context_samples=samples.completions,  # [N*M*K] O_{i,l,k}
             context_logps=self.context_logps(samples, N, M, rollout.completion_ids.shape[1]),  # [N, M, T] or None
             context_cache=samples.prompt_cache,  # [N] x_{i,0}'s KV cache, or None
             set_contexts=set_contexts,  # the contexts as sets (context_layout: set), or None
-            metrics=metrics,
         )
 
-    def encoded_contexts(
+    def sample_contexts(
+        self,
+        sampler: Sampler,
+        models: PolicyModels,
+        rollout: Rollout,
+        per_candidate: list[list[str]],
+        set_contexts: SetContexts | None,
+    ) -> Rollout:
+        """``K`` samples of every rendered context (``[N][M]``; read as sets when ``set_contexts``), rows in order
+        ``(b, i, l, k)``; each candidate scored after its contexts (``score_candidates``), ``x_{i,0}``'s KV cache
+        kept (``keep_context_cache``)."""
+        M, K = self.num_integrated, self.num_context_samples
+        continuations = self.continuations(rollout, M) if self.score_candidates else None  # N*M, y_i after x_{i,l}
+        keep = list(range(0, len(per_candidate) * M, M)) if self.keep_context_cache else None  # x_{i,0}, order (b, i)
+        if set_contexts is not None:
+            return self.sample_set(sampler, models, set_contexts, K, continuations, keep)
+        return self.sample(
+            sampler, models, per_candidate, K, score=self.represent_in_context, continuations=continuations, keep=keep
+        )
+
+    def graph(
         self,
         rollout: Rollout,
-        models: PolicyModels,
-        contexts: list,
-        flat: list[str],
         integrated: list[list[str]],
+        contexts: list,
+        context_ids: Tensor,
+        context_mask: Tensor,
         metrics: dict[str, float],
+        **samples: Any,
     ) -> CausalGraph:
-        """The graph with ``K = 0``: the ``N*M`` rendered contexts (order ``(b, i, l)``) tokenized as the sampler
-        would, no samples, no ``Zbar``."""
-        N, M = rollout.completion_ids.shape[0], self.num_integrated
-        context_ids, context_mask = encode_prompts(models.tokenizer, flat, 1, rollout.completion_ids.device)
+        """The :class:`CausalGraph` of the rollout's groups: the ``N*M`` left-padded contexts (``[N*M, Px]``, order
+        ``(b, i, l)``) as ``[N, M, Px]``, the fields that come of the context samples given as ``samples``."""
+        N, M, device = rollout.completion_ids.shape[0], self.num_integrated, rollout.completion_ids.device
         metrics["graph/context_tokens"] = float(context_ids.shape[1])
         return CausalGraph(
             group_size=rollout.group_size,
             representations=rollout.hidden,
             integrated=integrated,
             context_prompts=contexts,
-            context_ids=context_ids.view(N, M, -1),  # [N, M, Px] left-padded x_{i,l}
-            context_mask=context_mask.view(N, M, -1),  # [N, M, Px]
-            context_samples=[],
+            context_ids=context_ids.to(device).view(N, M, -1),  # [N, M, Px] left-padded x_{i,l}
+            context_mask=context_mask.to(device).view(N, M, -1),  # [N, M, Px]
             metrics=metrics,
+            **samples,
         )
 
     @staticmethod
