@@ -187,6 +187,28 @@ class MixtureSampler:
 
     def __init__(self, task: ArithmeticTask, args: argparse.Namespace, exclude: set[str], rng: random.Random):
         self.task, self.args, self.exclude, self.rng = task, args, exclude, rng
+        self.pool: list[tuple[str, list[str]]] = []  # (question, the model's own samples), see refresh_pool
+
+    def refresh_pool(self, model: LlamaForCausalLM, tok: PreTrainedTokenizerFast) -> None:
+        """Draw ``--self-pool`` training questions and ``--max-candidates`` T=1 samples of the current model for
+        each: the candidates of the ``--self-candidates`` share of integration and context examples, which then
+        look like what the collider integrates (the model's own samples, not the teacher's noise)."""
+        questions = [self.question() for _ in range(self.args.self_pool)]
+        n = self.args.max_candidates
+        prompts = [PROMPT_TEMPLATE.format(question=q) for q in questions]
+        outputs = generate(model, tok, prompts, sample=True, num_return=n)
+        self.pool = [(q, [text for text, _ in outputs[k * n : (k + 1) * n]]) for k, q in enumerate(questions)]
+        model.train()
+
+    def group(self) -> tuple[str, list[str]]:
+        """A question and 2..8 candidates: the model's own samples (``--self-candidates`` of the time, once the
+        pool is filled) or noisy teacher solutions."""
+        n = self.rng.randint(self.args.min_candidates, self.args.max_candidates)
+        if self.pool and self.rng.random() < self.args.self_candidates:
+            q, samples = self.pool[self.rng.randrange(len(self.pool))]
+            return q, self.rng.sample(samples, n)
+        q = self.question()
+        return q, self.candidates(q, n)
 
     def question(self) -> str:
         """A training question that is not held out."""
@@ -209,8 +231,7 @@ class MixtureSampler:
         return Example(PROMPT_TEMPLATE.format(question=q), self.teacher(q))
 
     def integration(self) -> Example:
-        q = self.question()
-        cands = self.candidates(q, self.rng.randint(self.args.min_candidates, self.args.max_candidates))
+        q, cands = self.group()
         prompt = INTEGRATION_TEMPLATE.format(question=q, candidates=render_candidates(cands))
         if self.args.integration_target in INTEGRATIONS:
             return Example(prompt, INTEGRATIONS[self.args.integration_target](cands))
@@ -232,8 +253,7 @@ class MixtureSampler:
         return self.candidates(q, 1)[0] if u < 0.8 else self.task.worked_solution(q)
 
     def context(self) -> Example:
-        q = self.question()
-        cands = self.candidates(q, self.rng.randint(self.args.min_candidates, self.args.max_candidates))
+        q, cands = self.group()
         i = self.rng.randrange(len(cands))
         integrated = self.combined(q, cands)
         prompt = CONTEXT_TEMPLATE.format(question=q, others=render_candidates(cands, skip=i), integrated=integrated)
@@ -441,6 +461,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="when --context-target follow copies the combined solution: another candidate gives its answer "
         "(corroborated), or its answer is one of the other candidates' most common (mode)",
     )
+    p.add_argument(
+        "--self-candidates",
+        type=float,
+        default=0.0,
+        help="share of integration and context examples whose candidates are the model's own T=1 samples (from a "
+        "pool redrawn every --self-refresh steps) instead of noisy teacher solutions",
+    )
+    p.add_argument("--self-pool", type=int, default=256, help="questions in the pool of the model's own samples")
+    p.add_argument("--self-refresh", type=int, default=100, help="steps between two draws of the pool")
     p.add_argument("--mix", type=str, default="0.8,0.1,0.1", help="step fractions of single,integration,context")
     p.add_argument("--batch-single", type=int, default=32)
     p.add_argument("--batch-long", type=int, default=8, help="batch size of the (long) integration/context formats")
@@ -458,6 +487,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exclude-n", type=int, default=1000, help="first held-out questions never trained on")
     p.add_argument("--eval-samples", type=int, default=2, help="T=1 samples per question")
     p.add_argument("--group", type=int, default=8, help="G for the single/majority/integrated measurement")
+    p.add_argument(
+        "--group-evals",
+        action="store_true",
+        help="measure single / majority vote / integrated accuracy (as at the end) at every evaluation too",
+    )
     p.add_argument("--greedy-lo", type=float, default=0.30)
     p.add_argument("--greedy-hi", type=float, default=0.50)
     p.add_argument("--sampled-lo", type=float, default=0.25)
@@ -520,6 +554,8 @@ def main(argv: list[str] | None = None) -> None:
     def evaluate(step: int) -> None:
         te = time.time()
         m = quick_eval(model, tok, heldout, a.eval_samples)
+        if a.group_evals:
+            m.update({f"group_{k}": v for k, v in group_eval(model, tok, heldout, a.group).items()})
         m.update(step=step, train_wall_s=round(te - t0, 1), eval_s=round(time.time() - te, 1))
         m.update({f"loss_{f}": (sum(v[-50:]) / len(v[-50:]) if v else None) for f, v in losses.items()})
         history.append(m)
@@ -529,6 +565,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model.train()
     for step in range(a.steps):
+        if a.self_candidates > 0 and step % a.self_refresh == 0:
+            sampler.refresh_pool(model, tok)
         fmt = rng.choices(FORMATS, weights=mix)[0]
         batch = collate(tok, sampler.batch(fmt, a.batch_single if fmt == "single" else a.batch_long))
         for g in opt.param_groups:

@@ -35,3 +35,30 @@ def test_two_chained_stages_save_a_model_and_the_lineage_of_both(tmp_path: Path)
     assert info["args"]["min_candidates"] == 3
     model = AutoModelForCausalLM.from_pretrained(second)
     assert model.config.hidden_size == 32  # the second stage continued the first stage's model
+
+
+def test_self_candidates_come_from_the_models_own_samples(tmp_path: Path) -> None:
+    """``--self-candidates 1``: once the pool is drawn, every integration/context group is a question of the pool
+    and a subset of that question's own samples; with the pool empty the candidates are teacher noise."""
+    import random
+
+    import torch
+
+    from gcpo_lightning.data.tasks.arithmetic import ArithmeticTask
+    from gcpo_lightning.policy.char_tokenizer import build_char_tokenizer
+
+    script = load_script()
+    args = script.parse_args([*TINY, "--self-candidates", "1", "--self-pool", "3", "--max-candidates", "4"])
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = script.build_model(tok, args)
+    sampler = script.MixtureSampler(ArithmeticTask(), args, set(), random.Random(0))
+    q, cands = sampler.group()
+    assert 2 <= len(cands) <= 4 and not sampler.pool
+    sampler.refresh_pool(model, tok)
+    assert len(sampler.pool) == 3 and all(len(samples) == 4 for _, samples in sampler.pool)
+    pool = dict(sampler.pool)
+    for _ in range(10):
+        q, cands = sampler.group()
+        assert q in pool and set(cands) <= set(pool[q]) and 2 <= len(cands) <= 4
+    assert model.training, "drawing the pool leaves the model in training mode"
