@@ -7,11 +7,30 @@ import torch
 from gcpo_lightning.components.sampling.backends import HFGenerate
 from gcpo_lightning.components.sampling.group_sampler import GroupSampler
 from gcpo_lightning.components.sampling.vllm_sampler import VLLMSampler
-from gcpo_lightning.interfaces.containers import PolicyModels
+from gcpo_lightning.interfaces.containers import PolicyModels, Rollout
 from gcpo_lightning.policy.builder import PolicyBuilder
 from gcpo_lightning.policy.lora import LoRAConfig
 
 HF = GroupSampler(temperature=0.0, max_completion_length=24, backend=HFGenerate())  # see test_vllm_sampler.py
+TIE = 1e-3  # nats: two tokens this close are a tie that float rounding (threads, kernels) may break either way
+
+
+@torch.no_grad()
+def greedy_gap(models: PolicyModels, rollout: Rollout) -> float:
+    """How far the engine's greedy tokens fall below the HF policy's best token, teacher-forced (nats, the largest
+    over all real completion tokens): 0 when the policy would choose every one of them.
+
+    Exact text equality would fail on a near tie, which a LoRA policy with random adapters has plenty of.
+    """
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [N, P+T]
+    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)  # [N, P+T]
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding, as generation numbers the positions
+    logits = models.policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()  # [N, P+T, V]
+    P = rollout.prompt_ids.shape[1]
+    logp = logits[:, P - 1 : -1].log_softmax(-1)  # [N, T, V] predicting each completion token
+    chosen = logp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, T]
+    gap = (logp.max(-1).values - chosen) * rollout.completion_mask  # [N, T]
+    return float(gap.max())
 
 
 def test_lora_policy_generates_and_pushes_its_merged_weights(questions, keep_alive) -> None:
@@ -20,9 +39,10 @@ def test_lora_policy_generates_and_pushes_its_merged_weights(questions, keep_ali
     models = PolicyModels(keep_alive(built.policy), built.tokenizer, None, 1.0)
     sampler = keep_alive(VLLMSampler(max_completion_length=24))
     before = sampler.sample(models, questions, 2, greedy=True, score=False)
-    assert before.completions == HF.sample(models, questions, 2, greedy=True, score=False).completions
+    assert greedy_gap(models, before) < TIE  # the policy with its adapters chooses what the engine chose
     with built.policy.disable_adapter():  # the base alone answers differently: the engine holds the merged model
         assert before.completions != HF.sample(models, questions, 2, greedy=True, score=False).completions
+        assert greedy_gap(models, before) > 100 * TIE
     torch.manual_seed(1)
     with torch.no_grad():  # an optimiser step moves only the adapters
         for p in built.policy.parameters():
@@ -31,4 +51,5 @@ def test_lora_policy_generates_and_pushes_its_merged_weights(questions, keep_ali
     after = sampler.sample(models, questions, 2, greedy=True, score=False)
     assert sampler.weight_pushes == 1
     assert after.completions != before.completions
-    assert after.completions == HF.sample(models, questions, 2, greedy=True, score=False).completions
+    assert greedy_gap(models, after) < TIE  # the pushed weights are the moved adapters, merged
+    assert greedy_gap(models, before) > 100 * TIE
