@@ -201,8 +201,8 @@ class MixtureSampler:
         model.train()
 
     def group(self) -> tuple[str, list[str]]:
-        """A question and 2..8 candidates: the model's own samples (``--self-candidates`` of the time, once the
-        pool is filled) or noisy teacher solutions."""
+        """A question and ``--min-candidates``..``--max-candidates`` candidates: the model's own samples
+        (``--self-candidates`` of the time, once the pool is filled) or noisy teacher solutions."""
         n = self.rng.randint(self.args.min_candidates, self.args.max_candidates)
         if self.pool and self.rng.random() < self.args.self_candidates:
             q, samples = self.pool[self.rng.randrange(len(self.pool))]

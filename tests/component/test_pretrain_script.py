@@ -37,7 +37,7 @@ def test_two_chained_stages_save_a_model_and_the_lineage_of_both(tmp_path: Path)
     assert model.config.hidden_size == 32  # the second stage continued the first stage's model
 
 
-def test_self_candidates_come_from_the_models_own_samples(tmp_path: Path) -> None:
+def test_self_candidates_come_from_the_models_own_samples() -> None:
     """``--self-candidates 1``: once the pool is drawn, every integration/context group is a question of the pool
     and a subset of that question's own samples; with the pool empty the candidates are teacher noise."""
     import random

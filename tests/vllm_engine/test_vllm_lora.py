@@ -7,6 +7,7 @@ import torch
 from gcpo_lightning.components.sampling.backends import HFGenerate
 from gcpo_lightning.components.sampling.group_sampler import GroupSampler
 from gcpo_lightning.components.sampling.vllm_sampler import VLLMSampler
+from gcpo_lightning.components.scoring.logprobs import position_ids_from_mask
 from gcpo_lightning.interfaces.containers import PolicyModels, Rollout
 from gcpo_lightning.policy.builder import PolicyBuilder
 from gcpo_lightning.policy.lora import LoRAConfig
@@ -22,10 +23,9 @@ def greedy_gap(models: PolicyModels, rollout: Rollout) -> float:
 
     Exact text equality would fail on a near tie, which a LoRA policy with random adapters has plenty of.
     """
-    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [N, P+T]
-    mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)  # [N, P+T]
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding, as generation numbers the positions
-    logits = models.policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()  # [N, P+T, V]
+    ids, mask = rollout.input_ids(), rollout.attention_mask()  # [N, P+T] twice
+    logits = models.policy(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logits = logits.float()  # [N, P+T, V]
     P = rollout.prompt_ids.shape[1]
     logp = logits[:, P - 1 : -1].log_softmax(-1)  # [N, T, V] predicting each completion token
     chosen = logp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, T]
